@@ -1,0 +1,31 @@
+# cprd: `make demo` and `make check` are the two quick-start commands (see README).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup check lint test test-fast demo bench clean
+
+setup:
+	bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff format --check cprd tests scripts
+	$(VENV)/bin/ruff check cprd tests scripts
+	$(VENV)/bin/mypy
+
+# The whole suite: lint, types, and every test (real QEMU guests included).
+check: lint
+	$(VENV)/bin/pytest -ra $(PYTEST_ARGS)
+
+# Unit tests only: no guests.
+test-fast: setup
+	$(VENV)/bin/pytest -ra -m "not qemu" $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+bench: setup
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+import sys
+
+from cprd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,200 @@
+"""The inventory: a QMP connection to every QEMU the discovery globs match.
+
+The inventory polls the globs for new and removed sockets, keeps one connection per
+socket (reconnecting with backoff when QEMU restarts) and keeps each VM's facts current:
+runstate changes arrive as QMP events and trigger a fresh look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import glob
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cprd.agent import Agent
+from cprd.config import Config
+from cprd.errors import CprdError, QMPError
+from cprd.qmp import Event, QMPConnection
+from cprd.vm import VMFacts, inspect
+
+logger = logging.getLogger(__name__)
+
+#: Events after which the facts of a VM are read again.
+RUNSTATE_EVENTS = frozenset(
+    {"STOP", "RESUME", "SUSPEND", "WAKEUP", "SHUTDOWN", "RESET", "MIGRATION", "DEVICE_DELETED"}
+)
+BACKOFF_MAX = 30.0
+
+
+@dataclass
+class VMHandle:
+    """A connected VM: its QMP connection and latest facts."""
+
+    conn: QMPConnection
+    facts: VMFacts
+    dirty: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+    def agent(self, timeout: float = 5.0) -> Agent | None:
+        path = self.facts.agent_socket
+        return Agent(Path(path), self.name, timeout) if path else None
+
+
+@dataclass
+class _Retry:
+    attempts: int = 0
+    next_at: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class Inventory:
+    config: Config
+    poll_interval: float = 1.0
+    on_change: Callable[[VMHandle | None, str], None] | None = None
+    handles: dict[Path, VMHandle] = field(default_factory=dict)
+    _retry: dict[Path, _Retry] = field(default_factory=dict)
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = None
+
+    # --- queries ------------------------------------------------------------------------
+
+    def vms(self) -> list[VMHandle]:
+        return sorted(self.handles.values(), key=lambda h: h.name)
+
+    def by_name(self, name: str) -> VMHandle:
+        for handle in self.handles.values():
+            if handle.name == name:
+                return handle
+        raise CprdError(f"no VM named {name!r}")
+
+    def sockets(self) -> list[Path]:
+        found: set[Path] = set()
+        for pattern in self.config.discovery.qmp_sockets:
+            found.update(Path(p) for p in glob.glob(pattern))
+        return sorted(found)
+
+    # --- scanning -----------------------------------------------------------------------
+
+    async def scan(self) -> None:
+        """One pass: connect new sockets, drop dead ones, refresh changed facts."""
+        present = set(self.sockets())
+        for path, handle in list(self.handles.items()):
+            if handle.conn.closed.is_set() or path not in present:
+                await self._drop(path, "QEMU went away" if path in present else "socket removed")
+        now = time.monotonic()
+        new = [
+            p
+            for p in present
+            if p not in self.handles and self._retry.get(p, _Retry()).next_at <= now
+        ]
+        await asyncio.gather(*(self._connect(p) for p in new))
+        for path in list(self._retry):
+            if path not in present:
+                del self._retry[path]
+        dirty = [h for h in self.handles.values() if h.dirty]
+        await asyncio.gather(*(self.refresh(h) for h in dirty))
+
+    async def _connect(self, path: Path) -> None:
+        try:
+            conn = await QMPConnection.open(path, timeout=5.0)
+        except QMPError as err:
+            self._backoff(path, str(err))
+            return
+        try:
+            facts = await self._inspect(conn)
+        except (CprdError, OSError) as err:
+            await conn.close()
+            self._backoff(path, str(err))
+            return
+        self._retry.pop(path, None)
+        handle = VMHandle(conn, facts)
+        conn.subscribe(functools.partial(self._on_event, handle))
+        self.handles[path] = handle
+        logger.info(
+            "holding %s: QEMU %s pid %d, %s, %s",
+            path,
+            facts.version_str,
+            facts.pid,
+            facts.machine_type,
+            facts.runstate,
+            extra={"CPRD_VM": facts.name},
+        )
+        self._changed(handle, "added")
+
+    def _backoff(self, path: Path, error: str) -> None:
+        retry = self._retry.setdefault(path, _Retry())
+        retry.attempts += 1
+        delay = min(BACKOFF_MAX, 0.5 * 2 ** (retry.attempts - 1))
+        retry.next_at = time.monotonic() + delay
+        if error != retry.last_error:
+            logger.warning("%s: %s (retrying in %.1fs)", path, error, delay)
+        retry.last_error = error
+
+    async def _drop(self, path: Path, why: str) -> None:
+        handle = self.handles.pop(path)
+        await handle.conn.close()
+        logger.info("released %s: %s", path, why, extra={"CPRD_VM": handle.name})
+        self._changed(handle, "removed")
+
+    async def _inspect(self, conn: QMPConnection) -> VMFacts:
+        facts = await inspect(conn)
+        agent = self.config.agent_path(facts.name)
+        return facts.replace(agent_socket=str(agent) if agent else None)
+
+    async def refresh(self, handle: VMHandle, probe_agent: bool = False) -> VMFacts:
+        """Read the facts of one VM again (and ping its agent when asked)."""
+        handle.dirty = False
+        facts = await self._inspect(handle.conn)
+        if probe_agent and facts.agent_socket:
+            agent = handle.agent(timeout=3.0)
+            assert agent is not None
+            facts = facts.replace(agent_reachable=await agent.ping())
+        if facts != handle.facts:
+            handle.facts = facts
+            self._changed(handle, "changed")
+        return facts
+
+    def _on_event(self, handle: VMHandle, event: Event) -> None:
+        if event.get("event") in RUNSTATE_EVENTS:
+            handle.dirty = True
+            self._wake.set()
+
+    def _changed(self, handle: VMHandle | None, what: str) -> None:
+        if self.on_change is not None:
+            self.on_change(handle, what)
+
+    # --- the watcher --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Scan forever; the owner cancels it."""
+        while True:
+            try:
+                await self.scan()
+            except CprdError as err:
+                logger.warning("inventory scan: %s", err)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="inventory")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for handle in list(self.handles.values()):
+            await handle.conn.close()
+        self.handles.clear()

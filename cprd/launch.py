@@ -1,0 +1,163 @@
+"""Launchers: how a restored QEMU is started so that it outlives the restorer.
+
+``direct`` starts a detached process in its own session, output to a log file under
+state_dir.  ``systemd`` asks systemd for a transient unit ``cprd-vm-<name>.service``
+(StartTransientUnit), so the VM is not killed when the restore unit ends.  argv is
+always a list: no shell is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cprd import manifest as mf
+from cprd.config import Config
+from cprd.config import Launcher as LauncherKind
+from cprd.errors import LaunchError
+from cprd.manifest import VMRecord
+
+
+class Launcher:
+    @dataclass
+    class Process:
+        name: str
+        pid: int = 0
+        log: Path | None = None
+        popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+        unit: str = ""
+
+    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
+        raise NotImplementedError
+
+    async def alive(self, process: Launcher.Process) -> bool:
+        raise NotImplementedError
+
+    async def stop(self, process: Launcher.Process) -> None:
+        raise NotImplementedError
+
+    def tail(self, process: Launcher.Process) -> str:
+        if process.log is None:
+            return "see its log"
+        try:
+            lines = process.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "no log"
+        return lines[-1] if lines else "no output"
+
+
+class DirectLauncher(Launcher):
+    """A detached QEMU in its own session; cprd keeps the Popen only to reap it."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
+        log = self.log_dir / f"{mf.safe_file_name(rec.name)}.log"
+        fd = os.open(
+            log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            popen = subprocess.Popen(
+                argv,
+                executable=rec.executable,
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=fd,
+                start_new_session=True,
+                close_fds=True,
+                cwd="/",
+            )
+        except OSError as err:
+            raise LaunchError(f"{rec.name}: cannot start {rec.executable}: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        self.children.append(popen)
+        return Launcher.Process(rec.name, popen.pid, log, popen)
+
+    async def alive(self, process: Launcher.Process) -> bool:
+        return process.popen is None or process.popen.poll() is None
+
+    async def stop(self, process: Launcher.Process) -> None:
+        if process.popen is not None and process.popen.poll() is None:
+            process.popen.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(process.popen.wait)
+
+
+class SystemdLauncher(Launcher):
+    """A transient unit through org.freedesktop.systemd1 on the system bus."""
+
+    def __init__(self, bus_address: str | None = None) -> None:
+        self.bus_address = bus_address
+
+    async def _manager(self) -> Any:
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
+        if self.bus_address:
+            bus = await MessageBus(bus_address=self.bus_address).connect()
+        else:
+            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+        return bus
+
+    async def _call(self, member: str, signature: str, body: list[Any]) -> Any:
+        from dbus_fast import Message, MessageType
+
+        bus = await self._manager()
+        try:
+            reply = await asyncio.wait_for(
+                bus.call(
+                    Message(
+                        destination="org.freedesktop.systemd1",
+                        path="/org/freedesktop/systemd1",
+                        interface="org.freedesktop.systemd1.Manager",
+                        member=member,
+                        signature=signature,
+                        body=body,
+                    )
+                ),
+                30,
+            )
+        finally:
+            bus.disconnect()
+        if reply is None or reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply and reply.body else "no reply"
+            raise LaunchError(f"systemd {member}: {reply.error_name if reply else ''}: {detail}")
+        return reply.body
+
+    @staticmethod
+    def unit_name(name: str) -> str:
+        return f"cprd-vm-{mf.safe_file_name(name)}.service"
+
+    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
+        from dbus_fast import Variant
+
+        unit = self.unit_name(rec.name)
+        props = [
+            ["Description", Variant("s", f"QEMU VM {rec.name} (restored by cprd)")],
+            ["ExecStart", Variant("a(sasb)", [[rec.executable, argv, False]])],
+            ["KillMode", Variant("s", "mixed")],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+        ]
+        await self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
+        return Launcher.Process(rec.name, 0, None, None, unit)
+
+    async def alive(self, process: Launcher.Process) -> bool:
+        return True  # a QEMU that dies is noticed by its QMP socket never answering
+
+    async def stop(self, process: Launcher.Process) -> None:
+        with contextlib.suppress(LaunchError):
+            await self._call("StopUnit", "ss", [process.unit, "replace"])
+
+
+def make_launcher(config: Config, bus_address: str | None = None) -> Launcher:
+    if config.restore.launcher is LauncherKind.SYSTEMD:
+        return SystemdLauncher(bus_address)
+    return DirectLauncher(config.state_dir)

@@ -1,0 +1,89 @@
+"""Logging: journald with structured fields when it is there, plain stderr otherwise.
+
+Every event an operator may search for has a stable MESSAGE_ID (see
+units/cprd.catalog) and carries CPRD_VM, CPRD_PHASE and CPRD_MANIFEST fields, e.g.
+``journalctl MESSAGE_ID=<id>`` or ``journalctl CPRD_VM=web1``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+from pathlib import Path
+
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
+
+
+class Event(enum.Enum):
+    """Operator-visible events and their MESSAGE_IDs (never change a published id)."""
+
+    SAVE_STARTED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a61"
+    VM_SUSPENDED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a62"
+    VM_SAVED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a63"
+    PREPARED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a64"
+    COMMITTED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a65"
+    ROLLBACK = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a66"
+    VM_RESUMED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a67"
+    VM_RESTORED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a68"
+    VM_RESTORE_FAILED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a69"
+    FAILURE = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6a"
+    PLAN = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6b"
+
+
+def emit(
+    logger: logging.Logger,
+    level: int,
+    event: Event,
+    msg: str,
+    *args: object,
+    vm: str | None = None,
+    phase: str | None = None,
+    manifest: Path | str | None = None,
+) -> None:
+    """Log ``msg % args`` with the event's MESSAGE_ID and cprd's structured fields."""
+    extra: dict[str, object] = {"MESSAGE_ID": event.value, "CPRD_EVENT": event.name}
+    if vm is not None:
+        extra["CPRD_VM"] = vm
+    if phase is not None:
+        extra["CPRD_PHASE"] = phase
+    if manifest is not None:
+        extra["CPRD_MANIFEST"] = str(manifest)
+    logger.log(level, msg, *args, extra=extra)
+
+
+class _PlainFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        vm = getattr(record, "CPRD_VM", None)
+        return (
+            f"{record.levelname.lower()}: {vm}: {text}"
+            if vm
+            else f"{record.levelname.lower()}: {text}"
+        )
+
+
+def journald_available() -> bool:
+    return JOURNAL_SOCKET.is_socket()
+
+
+def setup(debug: bool = False, identifier: str = "cprd") -> None:
+    """Route cprd's logging to journald when it runs, else to stderr."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handlers: list[logging.Handler] = []
+    if journald_available() and os.environ.get("CPRD_LOG") != "stderr":
+        from systemd.journal import JournalHandler
+
+        handlers.append(JournalHandler(SYSLOG_IDENTIFIER=identifier))
+    if not handlers or sys.stderr.isatty():
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(_PlainFormatter("%(message)s"))
+        handlers.append(stream)
+    for handler in handlers:
+        root.addHandler(handler)
+    if not debug:
+        logging.getLogger("qemu").setLevel(logging.WARNING)

@@ -1,0 +1,391 @@
+"""The manifest: what was saved, and how to bring it back.
+
+YAML, versioned, written atomically (temp file, fsync, rename, fsync of the directory),
+mode 0600 in a 0700 state_dir.  The last line is ``# sha256: <hex>`` over every byte
+before it, so a truncated or edited file is refused instead of silently losing VMs.
+Symlinks in place of the state_dir, the manifest or a state file are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import enum
+import errno
+import hashlib
+import os
+import platform
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cprd.config import safe_load
+from cprd.errors import ManifestError
+from cprd.plan import MigrationSettings
+
+VERSION = 1
+_CHECKSUM = re.compile(rb"\n# sha256: ([0-9a-f]{64})\n\Z")
+
+
+class Phase(enum.Enum):
+    PREPARING = "preparing"  # recorded before anything is stopped
+    PREPARED = "prepared"  # every VM saved, still resumable
+    COMMITTED = "committed"  # the saved QEMUs are gone: restore after the reboot
+    RESTORED = "restored"  # every VM is back
+
+
+class Outcome(enum.Enum):
+    PENDING = "pending"
+    RESTORED = "restored"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class InPlaceFile:
+    id: str
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class VMRecord:
+    name: str
+    qmp_socket: str
+    pid: int
+    argv: tuple[str, ...]
+    executable: str
+    qemu_version: str
+    machine_type: str
+    state_file: str
+    settings: MigrationSettings
+    runstate_before: str
+    cprd_suspended: bool
+    agent_socket: str | None = None
+    in_place: tuple[InPlaceFile, ...] = ()
+    state_size: int | None = None  # set once the save completed and was fsynced
+    outcome: Outcome = Outcome.PENDING
+    reason: str = ""
+
+    def replace(self, **changes: Any) -> VMRecord:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    phase: Phase
+    created: str
+    boot_id: str
+    kernel: str
+    vms: tuple[VMRecord, ...] = field(default=())
+
+    def replace(self, **changes: Any) -> Manifest:
+        return dataclasses.replace(self, **changes)
+
+    def vm(self, name: str) -> VMRecord:
+        for rec in self.vms:
+            if rec.name == name:
+                return rec
+        raise KeyError(name)
+
+    def with_vm(self, rec: VMRecord) -> Manifest:
+        return self.replace(vms=tuple(rec if r.name == rec.name else r for r in self.vms))
+
+    @classmethod
+    def new(cls, phase: Phase, vms: tuple[VMRecord, ...]) -> Manifest:
+        return cls(
+            phase=phase,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            boot_id=boot_id(),
+            kernel=platform.release(),
+            vms=vms,
+        )
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+# --- the state directory ----------------------------------------------------------------
+
+
+def ensure_state_dir(path: Path) -> None:
+    """Create state_dir 0700 if missing; refuse a symlink or a directory others own."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise ManifestError(f"state_dir {path}: cannot create: {err.strerror}") from err
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ManifestError(
+            f"state_dir {path} is a symlink: refused", "make state_dir a real directory"
+        )
+    if not stat.S_ISDIR(st.st_mode):
+        raise ManifestError(f"state_dir {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ManifestError(f"state_dir {path} is owned by uid {st.st_uid}, not by cprd")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def safe_file_name(name: str) -> str:
+    """A file name for VM ``name``: its own name when harmless, else a hashed form."""
+    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    tame = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip("._-")[:40]
+    return f"{tame}-{digest}" if tame else digest
+
+
+def create_private(path: Path) -> None:
+    """Create an empty 0600 file, refusing to follow a symlink or reuse a file."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode):
+            raise ManifestError(f"{path} is a symlink or not a regular file: refused")
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    os.close(fd)
+
+
+def fsync_file(path: Path) -> int:
+    """fsync a file (not following symlinks) and return its size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_nofollow(path: Path) -> int:
+    """Open a file for reading; ManifestError if it is a symlink."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ManifestError(f"{path} is a symlink: refused") from err
+        raise
+
+
+# --- (de)serialisation --------------------------------------------------------------------
+
+
+def to_dict(m: Manifest) -> dict[str, Any]:
+    return {
+        "version": VERSION,
+        "phase": m.phase.value,
+        "created": m.created,
+        "host": {"boot_id": m.boot_id, "kernel": m.kernel},
+        "vms": [
+            {
+                "name": r.name,
+                "qmp_socket": r.qmp_socket,
+                "pid": r.pid,
+                "argv": list(r.argv),
+                "executable": r.executable,
+                "qemu_version": r.qemu_version,
+                "machine_type": r.machine_type,
+                "state_file": r.state_file,
+                "state_size": r.state_size,
+                "migration": r.settings.to_dict(),
+                "runstate_before": r.runstate_before,
+                "cprd_suspended": r.cprd_suspended,
+                "agent_socket": r.agent_socket,
+                "in_place": [dataclasses.asdict(f) for f in r.in_place],
+                "restore": {"outcome": r.outcome.value, "reason": r.reason},
+            }
+            for r in m.vms
+        ],
+    }
+
+
+class _Reader:
+    """Typed access to a parsed manifest; every error names the key path."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, what: str) -> ManifestError:
+        return ManifestError(
+            f"manifest {self.source} is corrupt: {path}: {what}",
+            "the state files are kept; fix or remove the manifest",
+        )
+
+    def get(
+        self, data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: str
+    ) -> Any:
+        if key not in data:
+            raise self.fail(f"{path}{key}", "missing")
+        value = data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.fail(f"{path}{key}", f"unexpected value {value!r}")
+        return value
+
+    def enum(self, cls: type[enum.Enum], data: Mapping[str, Any], key: str, path: str) -> Any:
+        value = self.get(data, key, str, path)
+        try:
+            return cls(value)
+        except ValueError:
+            raise self.fail(f"{path}{key}", f"unknown value {value!r}") from None
+
+
+def from_dict(data: object, source: str) -> Manifest:
+    r = _Reader(source)
+    if not isinstance(data, dict):
+        raise r.fail("top level", "not a mapping")
+    version = r.get(data, "version", int, "")
+    if version != VERSION:
+        raise ManifestError(
+            f"manifest {source} has version {version}; this cprd reads version {VERSION}",
+            "restore it with the cprd that wrote it",
+        )
+    host = r.get(data, "host", dict, "")
+    vms = []
+    for i, v in enumerate(r.get(data, "vms", list, "")):
+        p = f"vms[{i}]."
+        if not isinstance(v, dict):
+            raise r.fail(f"vms[{i}]", "not a mapping")
+        argv = r.get(v, "argv", list, p)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise r.fail(f"{p}argv", "expected a non-empty list of strings")
+        mig = r.get(v, "migration", dict, p)
+        caps = r.get(mig, "capabilities", dict, f"{p}migration.")
+        params = r.get(mig, "parameters", dict, f"{p}migration.")
+        restore = r.get(v, "restore", dict, p)
+        size = v.get("state_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+            raise r.fail(f"{p}state_size", f"unexpected value {size!r}")
+        in_place = []
+        for j, f in enumerate(r.get(v, "in_place", list, p)):
+            q = f"{p}in_place[{j}]."
+            if not isinstance(f, dict):
+                raise r.fail(q[:-1], "not a mapping")
+            in_place.append(
+                InPlaceFile(
+                    r.get(f, "id", str, q), r.get(f, "path", str, q), r.get(f, "size", int, q)
+                )
+            )
+        agent = v.get("agent_socket")
+        vms.append(
+            VMRecord(
+                name=r.get(v, "name", str, p),
+                qmp_socket=r.get(v, "qmp_socket", str, p),
+                pid=r.get(v, "pid", int, p),
+                argv=tuple(argv),
+                executable=r.get(v, "executable", str, p),
+                qemu_version=r.get(v, "qemu_version", str, p),
+                machine_type=r.get(v, "machine_type", str, p),
+                state_file=r.get(v, "state_file", str, p),
+                settings=MigrationSettings(dict(caps), dict(params)),
+                runstate_before=r.get(v, "runstate_before", str, p),
+                cprd_suspended=r.get(v, "cprd_suspended", bool, p),
+                agent_socket=agent if isinstance(agent, str) else None,
+                in_place=tuple(in_place),
+                state_size=size,
+                outcome=r.enum(Outcome, restore, "outcome", f"{p}restore."),
+                reason=str(restore.get("reason", "")),
+            )
+        )
+    names = [v.name for v in vms]
+    if len(set(names)) != len(names):
+        raise r.fail("vms", "two entries share a name")
+    return Manifest(
+        phase=r.enum(Phase, data, "phase", ""),
+        created=str(data.get("created", "")),
+        boot_id=str(host.get("boot_id", "")),
+        kernel=str(host.get("kernel", "")),
+        vms=tuple(vms),
+    )
+
+
+def dumps(m: Manifest) -> bytes:
+    body = yaml.safe_dump(to_dict(m), sort_keys=False, default_flow_style=False, width=1000)
+    data = body.encode()
+    return data + b"# sha256: " + hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def loads(data: bytes, source: str) -> Manifest:
+    match = _CHECKSUM.search(b"\n" + data if not data.startswith(b"\n") else data)
+    if match is None:
+        raise ManifestError(
+            f"manifest {source} is truncated or corrupt: no checksum line at its end",
+            "the state files are kept; fix or remove the manifest",
+        )
+    body = data[: len(data) - len(match.group(0)) + 1]
+    if hashlib.sha256(body).hexdigest().encode() != match.group(1):
+        raise ManifestError(
+            f"manifest {source} is corrupt: checksum mismatch",
+            "the state files are kept; fix or remove the manifest",
+        )
+    try:
+        parsed = safe_load(body.decode())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ManifestError(f"manifest {source} is corrupt: not valid YAML") from err
+    return from_dict(parsed, source)
+
+
+def write(path: Path, m: Manifest) -> None:
+    """Replace the manifest atomically."""
+    ensure_state_dir(path.parent)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise ManifestError(f"manifest {path} is a symlink: refused")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        data = dumps(m)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read(path: Path) -> Manifest:
+    """Load and verify the manifest; ManifestError with a one-line reason otherwise."""
+    try:
+        fd = open_nofollow(path)
+    except FileNotFoundError:
+        raise ManifestError(f"no manifest at {path}: nothing to restore") from None
+    except OSError as err:
+        raise ManifestError(f"manifest {path}: cannot open: {err.strerror}") from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ManifestError(f"manifest {path} is not a regular file: refused")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return loads(b"".join(chunks), str(path))
+
+
+def remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fsync_dir(path.parent)

@@ -1,0 +1,207 @@
+"""Decisions: pure functions of a VM's facts and the config.
+
+Which VMs are suspended first, whether RAM stays in place, which migration settings a
+save (and so the restore) uses, and whether everything fits in state_dir.  Nothing here
+does I/O; the tests feed it plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.vm import Backend, MemClass, VMFacts
+
+MIN_VERSION = (8, 2, 0)
+MAPPED_RAM_VERSION = (9, 0, 0)
+DIRECT_IO_VERSION = (9, 1, 0)
+#: The default max-bandwidth (128 MiB/s) throttles a save to file about tenfold.
+UNLIMITED_BANDWIDTH = 2**63 - 1
+#: Device state and migration stream overhead, beyond guest RAM.
+STATE_OVERHEAD = 16 * 2**20
+#: Runstates a save can start from.
+SAVEABLE = frozenset({"running", "paused", "suspended"})
+#: Capabilities cprd sets on every save and restore, so none is left from elsewhere.
+MANAGED_CAPABILITIES = ("x-ignore-shared", "mapped-ram", "multifd")
+#: Filesystems without O_DIRECT.
+NO_DIRECT_IO_FS = frozenset({"tmpfs", "ramfs", "overlay", "fuse", "9p", "virtiofs"})
+
+
+@dataclass(frozen=True)
+class MigrationSettings:
+    """What both sides of a cpr-reboot migration set; recorded in the manifest."""
+
+    capabilities: Mapping[str, bool]
+    parameters: Mapping[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"capabilities": dict(self.capabilities), "parameters": dict(self.parameters)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MigrationSettings:
+        return cls(dict(data["capabilities"]), dict(data["parameters"]))
+
+    def commands(self) -> list[tuple[str, dict[str, Any]]]:
+        """The QMP commands that apply these settings, in order."""
+        caps = [{"capability": k, "state": v} for k, v in self.capabilities.items()]
+        return [
+            ("migrate-set-capabilities", {"capabilities": caps}),
+            ("migrate-set-parameters", dict(self.parameters)),
+        ]
+
+
+@dataclass(frozen=True)
+class VMPlan:
+    name: str
+    suspend: bool
+    in_place: bool
+    settings: MigrationSettings
+    bytes_to_write: int
+    notes: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    in_place_backends: tuple[Backend, ...] = field(default=())
+
+    @property
+    def action(self) -> str:
+        verb = "suspend, then save" if self.suspend else "save"
+        return f"{verb} ({'RAM in place' if self.in_place else 'RAM copied'})"
+
+
+def _supports(facts: VMFacts, version: tuple[int, int, int], capability: str | None) -> bool:
+    if facts.qemu_version < version:
+        return False
+    return capability is None or capability in facts.migration_capabilities
+
+
+def decide_suspend(facts: VMFacts, vm: VMSettings) -> tuple[bool, str]:
+    """Whether cprd suspends the guest first, and why."""
+    if facts.runstate == "suspended":
+        return False, "already suspended by the guest"
+    if vm.suspend is Suspend.NEVER:
+        return False, "suspend: never"
+    if vm.suspend is Suspend.ALWAYS:
+        return True, "suspend: always"
+    if facts.vfio_devices:
+        return True, "has VFIO devices (" + ", ".join(facts.vfio_devices) + ")"
+    return False, "no VFIO devices"
+
+
+def decide_in_place(facts: VMFacts, save: SaveSettings) -> tuple[bool, str]:
+    """Whether shared RAM stays in place (x-ignore-shared), and why.
+
+    x-ignore-shared skips every shared backend, so it is allowed only when each of them
+    survives a reboot.
+    """
+    shared = [b for b in facts.backends if b.share]
+    if not shared:
+        return False, "no shared memory backend: RAM is copied"
+    if save.in_place is InPlace.NEVER:
+        return False, "save.in_place: never: RAM is copied"
+    volatile = [b for b in shared if b.memclass is MemClass.SHARED_VOLATILE]
+    if volatile:
+        why = ", ".join(
+            f"{b.id} ({b.mem_path} on {b.fstype})" if b.mem_path else f"{b.id} ({b.qom_type})"
+            for b in volatile
+        )
+        return False, f"shared memory lost at a reboot: {why}: RAM is copied"
+    return True, "all shared memory is persistent: RAM stays in place"
+
+
+def migration_settings(
+    facts: VMFacts, in_place: bool, save: SaveSettings, state_fstype: str | None
+) -> MigrationSettings:
+    caps = dict.fromkeys(MANAGED_CAPABILITIES, False)
+    params: dict[str, Any] = {"mode": "cpr-reboot", "max-bandwidth": UNLIMITED_BANDWIDTH}
+    if in_place:
+        caps["x-ignore-shared"] = True
+    elif _supports(facts, MAPPED_RAM_VERSION, "mapped-ram"):
+        caps["mapped-ram"] = True
+        caps["multifd"] = True
+        params["multifd-channels"] = save.multifd_channels
+        if _supports(facts, DIRECT_IO_VERSION, None) and state_fstype not in NO_DIRECT_IO_FS:
+            params["direct-io"] = True
+    # Only capabilities this QEMU knows may be named, even to switch them off.
+    known = set(facts.migration_capabilities)
+    caps = {k: v for k, v in caps.items() if k in known or v}
+    if _supports(facts, DIRECT_IO_VERSION, None) and "direct-io" not in params:
+        params["direct-io"] = False
+    return MigrationSettings(caps, params)
+
+
+def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: str | None) -> VMPlan:
+    """The plan for one VM, with every reason it cannot be saved in ``problems``."""
+    problems: list[str] = []
+    notes: list[str] = []
+    suspend, suspend_why = decide_suspend(facts, vm)
+    if facts.runstate != "running" and suspend:
+        if facts.vfio_devices:
+            problems.append(
+                f"runstate {facts.runstate!r}: a VM with VFIO devices can only be saved "
+                "once its guest suspends itself or runs"
+            )
+        suspend, suspend_why = False, f"not suspended: runstate {facts.runstate!r}"
+    notes.append(suspend_why)
+    in_place, in_place_why = decide_in_place(facts, save)
+    notes.append(in_place_why)
+
+    if facts.qemu_version < MIN_VERSION:
+        problems.append(f"QEMU {facts.version_str} is too old for cpr-reboot (needs 8.2 or later)")
+    if facts.runstate not in SAVEABLE:
+        problems.append(f"runstate {facts.runstate!r} cannot be saved")
+    if suspend:
+        if not facts.agent_socket:
+            problems.append(
+                f"must be suspended first ({suspend_why}) but no guest agent is configured"
+            )
+        elif not facts.agent_reachable:
+            problems.append(
+                f"must be suspended first ({suspend_why}) but its guest agent at "
+                f"{facts.agent_socket} does not answer"
+            )
+        if not facts.wakeup_suspend_support:
+            problems.append("must be suspended first but the machine has S3 disabled")
+    if facts.vfio_devices and not suspend and facts.runstate != "suspended":
+        problems.append("has VFIO devices but would not be suspended (suspend: never)")
+    for reason in facts.migration_blockers:
+        problems.append(f"migration blocked: {reason}")
+
+    settings = migration_settings(facts, in_place, save, state_fstype)
+    in_place_backends = tuple(b for b in facts.backends if in_place and b.share)
+    copied = sum(b.size for b in facts.backends if b not in in_place_backends)
+    return VMPlan(
+        name=facts.name,
+        suspend=suspend,
+        in_place=in_place,
+        settings=settings,
+        bytes_to_write=copied + STATE_OVERHEAD,
+        notes=tuple(notes),
+        problems=tuple(problems),
+        in_place_backends=in_place_backends,
+    )
+
+
+def space_problem(plans: Iterable[VMPlan], free_bytes: int, margin_bytes: int) -> str | None:
+    """Why the state files would not fit, or None."""
+    need = sum(p.bytes_to_write for p in plans)
+    if need + margin_bytes > free_bytes:
+        return (
+            f"not enough space in state_dir: {_mib(need)} to write plus {_mib(margin_bytes)} "
+            f"margin, {_mib(free_bytes)} free"
+        )
+    return None
+
+
+def duplicate_names(facts: Iterable[VMFacts]) -> dict[str, str]:
+    seen: dict[str, str] = {}
+    problems: dict[str, str] = {}
+    for f in facts:
+        if f.name in seen:
+            problems[f.name] = f"two VMs share this name ({seen[f.name]} and {f.qmp_socket})"
+        seen[f.name] = f.qmp_socket
+    return problems
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"

@@ -1,0 +1,292 @@
+"""Restore: bring every VM of a committed manifest back where it stopped.
+
+Per VM, in parallel (bounded): check the state file, the executable and any in-place
+memory file; relaunch QEMU with the recorded argv (``-incoming`` replaced by
+``-incoming defer``, the machine type pinned to the recorded versioned type); set the
+same migration settings as the save; ``migrate-incoming``; wake the guest when cprd
+suspended it.  Each outcome is written to the manifest at once, so a second run skips
+the restored VMs and retries the failed ones.  A state file is deleted only once its VM
+is confirmed back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cprd import manifest as mf
+from cprd.config import Config
+from cprd.errors import CprdError, ManifestError, QMPError, RestoreError
+from cprd.launch import Launcher, make_launcher
+from cprd.log import Event, emit
+from cprd.manifest import Manifest, Outcome, Phase, VMRecord
+from cprd.qmp import QMPConnection
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, str, int, int], None]
+_MACHINE_OPTS = ("-machine", "-M", "--machine")
+
+
+def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
+    """The recorded argv with ``-incoming defer`` and the machine type pinned (pure)."""
+    out: list[str] = []
+    pinned = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-incoming", "--incoming"):
+            i += 2
+            continue
+        if arg.startswith(("-incoming=", "--incoming=")):
+            i += 1
+            continue
+        if arg in _MACHINE_OPTS and i + 1 < len(argv):
+            out += [arg, _pin_machine(argv[i + 1], machine_type)]
+            pinned = True
+            i += 2
+            continue
+        for opt in _MACHINE_OPTS:
+            if arg.startswith(opt + "="):
+                out.append(f"{opt}={_pin_machine(arg[len(opt) + 1 :], machine_type)}")
+                pinned = True
+                break
+        else:
+            out.append(arg)
+        i += 1
+    if not pinned:
+        out += ["-machine", machine_type]
+    return [*out, "-incoming", "defer"]
+
+
+def _pin_machine(value: str, machine_type: str) -> str:
+    parts = value.split(",")
+    for n, part in enumerate(parts):
+        if part.startswith("type="):
+            parts[n] = f"type={machine_type}"
+            return ",".join(parts)
+    if parts and "=" not in parts[0]:
+        parts[0] = machine_type
+    else:
+        parts.insert(0, machine_type)
+    return ",".join(parts)
+
+
+def check_files(rec: VMRecord) -> None:
+    """Refuse a VM whose state would be incomplete; RestoreError with one line."""
+    if rec.state_size is None:
+        raise RestoreError(f"{rec.name}: never saved completely: refusing to start it")
+    try:
+        fd = mf.open_nofollow(Path(rec.state_file))
+    except FileNotFoundError:
+        raise RestoreError(f"{rec.name}: state file {rec.state_file} is missing") from None
+    except ManifestError as err:
+        raise RestoreError(f"{rec.name}: {err}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size != rec.state_size:
+        raise RestoreError(
+            f"{rec.name}: state file {rec.state_file} has {st.st_size} bytes, "
+            f"expected {rec.state_size}"
+        )
+    if not os.access(rec.executable, os.X_OK):
+        raise RestoreError(f"{rec.name}: QEMU executable {rec.executable} is missing")
+    for f in rec.in_place:
+        try:
+            st = os.stat(f.path)
+        except OSError:
+            raise RestoreError(
+                f"{rec.name}: in-place memory {f.path} ({f.id}) is gone: its RAM is lost, "
+                "refusing to start the VM from half a state"
+            ) from None
+        if stat.S_ISREG(st.st_mode) and st.st_size < f.size:
+            raise RestoreError(
+                f"{rec.name}: in-place memory {f.path} has {st.st_size} bytes, expected {f.size}"
+            )
+
+
+class Restorer:
+    def __init__(
+        self,
+        config: Config,
+        manifest_path: Path | None = None,
+        launcher: Launcher | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.manifest_path = manifest_path or config.manifest_path
+        self.launcher = launcher or make_launcher(config)
+        self.progress = progress or (lambda *_: None)
+        self._lock = asyncio.Lock()
+        self._manifest: Manifest | None = None
+
+    async def run(self) -> Manifest:
+        """Restore every pending or failed VM; return the updated manifest."""
+        manifest = mf.read(self.manifest_path)
+        if manifest.phase in (Phase.PREPARING, Phase.PREPARED):
+            raise ManifestError(
+                f"manifest {self.manifest_path} is in phase {manifest.phase.value}: "
+                "its VMs were never committed",
+                "resume them with `cprdctl resume`",
+            )
+        self._manifest = manifest
+        todo = [r for r in manifest.vms if r.outcome is not Outcome.RESTORED]
+        sem = asyncio.Semaphore(self.config.restore.concurrency)
+        await asyncio.gather(*(self._one(rec, sem) for rec in todo))
+        assert self._manifest is not None
+        if all(r.outcome is Outcome.RESTORED for r in self._manifest.vms):
+            self._manifest = self._manifest.replace(phase=Phase.RESTORED)
+            mf.write(self.manifest_path, self._manifest)
+        return self._manifest
+
+    async def _record(self, rec: VMRecord) -> None:
+        async with self._lock:
+            assert self._manifest is not None
+            self._manifest = self._manifest.with_vm(rec)
+            mf.write(self.manifest_path, self._manifest)
+
+    async def _one(self, rec: VMRecord, sem: asyncio.Semaphore) -> None:
+        async with sem:
+            try:
+                async with asyncio.timeout(self.config.restore.timeout_s):
+                    final = await self._restore(rec)
+            except TimeoutError:
+                await self._fail(rec, f"not back within {self.config.restore.timeout_s}s")
+            except (CprdError, OSError) as err:
+                await self._fail(rec, str(err).removeprefix(f"{rec.name}: "))
+            else:
+                await self._record(rec.replace(outcome=Outcome.RESTORED, reason=final))
+                if not self.config.restore.keep_state_files:
+                    with contextlib.suppress(OSError):
+                        os.unlink(rec.state_file)
+
+    async def _fail(self, rec: VMRecord, reason: str) -> None:
+        emit(
+            logger,
+            logging.ERROR,
+            Event.VM_RESTORE_FAILED,
+            "restore failed: %s (state file kept)",
+            reason,
+            vm=rec.name,
+            phase="restoring",
+            manifest=self.manifest_path,
+        )
+        await self._record(rec.replace(outcome=Outcome.FAILED, reason=reason))
+
+    async def _restore(self, rec: VMRecord) -> str:
+        check_files(rec)
+        await self._refuse_if_running(rec)
+        argv = relaunch_argv(rec.argv, rec.machine_type)
+        self.progress(rec.name, "launching", 0, rec.state_size or 0)
+        process = await self.launcher.launch(rec, argv)
+        conn: QMPConnection | None = None
+        try:
+            conn = await self._connect(rec, process)
+            for cmd, args in rec.settings.commands():
+                await conn.execute(cmd, args)
+            await conn.execute("migrate-incoming", {"uri": f"file:{rec.state_file}"})
+            await self._wait_incoming(rec, conn)
+            final = await self._finish(rec, conn)
+        except BaseException:
+            await self.launcher.stop(process)
+            raise
+        finally:
+            if conn is not None:
+                await conn.close()
+        emit(
+            logger,
+            logging.INFO,
+            Event.VM_RESTORED,
+            "restored: %s (QEMU pid %d)",
+            final,
+            process.pid,
+            vm=rec.name,
+            phase="restoring",
+            manifest=self.manifest_path,
+        )
+        return final
+
+    async def _refuse_if_running(self, rec: VMRecord) -> None:
+        """Never start a second QEMU beside a live one on the same socket."""
+        try:
+            conn = await QMPConnection.open(Path(rec.qmp_socket), rec.name, timeout=2)
+        except QMPError:
+            return
+        await conn.close()
+        raise RestoreError(f"{rec.name}: a QEMU (pid {conn.pid}) already serves {rec.qmp_socket}")
+
+    async def _connect(self, rec: VMRecord, process: Launcher.Process) -> QMPConnection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        last = ""
+        while loop.time() < deadline:
+            if not await self.launcher.alive(process):
+                raise RestoreError(
+                    f"{rec.name}: QEMU exited at start: {self.launcher.tail(process)}"
+                )
+            try:
+                conn = await QMPConnection.open(Path(rec.qmp_socket), rec.name, timeout=5)
+            except QMPError as err:
+                last = str(err)
+                await asyncio.sleep(0.05)
+                continue
+            if process.pid and conn.pid != process.pid:
+                await conn.close()
+                raise RestoreError(f"{rec.name}: {rec.qmp_socket} is served by pid {conn.pid}")
+            return conn
+        raise RestoreError(f"{rec.name}: QMP socket never came up: {last}")
+
+    async def _wait_incoming(self, rec: VMRecord, conn: QMPConnection) -> None:
+        total = rec.state_size or 0
+        while True:
+            info = await conn.execute("query-migrate")
+            status = info.get("status", "none")
+            if status == "completed":
+                self.progress(rec.name, "restored", total, total)
+                return
+            if status in ("failed", "cancelled"):
+                raise RestoreError(
+                    f"{rec.name}: incoming migration {status}: {info.get('error-desc', '?')}"
+                )
+            done = int(info.get("ram", {}).get("transferred", 0))
+            self.progress(rec.name, "loading", done, total)
+            await asyncio.sleep(0.05)
+
+    async def _finish(self, rec: VMRecord, conn: QMPConnection) -> str:
+        status = await _wait_status(conn, lambda s: s not in ("inmigrate", "finish-migrate"), 30)
+        if rec.cprd_suspended:
+            if status != "suspended":
+                raise RestoreError(f"{rec.name}: came back {status!r}, expected 'suspended'")
+            await conn.execute("system_wakeup")
+            status = await _wait_status(conn, lambda s: s == "running", 30)
+            return "running (woken)"
+        expected = {"running": "running", "suspended": "suspended", "paused": "paused"}
+        want = expected.get(rec.runstate_before, rec.runstate_before)
+        if status != want:
+            status = await _wait_status(conn, lambda s: s == want, 10)
+        return status
+
+
+async def _wait_status(conn: QMPConnection, ok: Callable[[str], bool], timeout: float) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        status = str((await conn.execute("query-status"))["status"])
+        if ok(status):
+            return status
+        if loop.time() > deadline:
+            raise RestoreError(f"{conn.name}: runstate {status!r} after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+def kill_quietly(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)

@@ -1,0 +1,226 @@
+"""The planner on plain data: suspend, RAM in place, migration settings, space."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cprd import plan
+from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.vm import Backend, MemClass, VMFacts, classify, fstype_of, vm_name
+
+CAPS_10 = ("xbzrle", "x-ignore-shared", "multifd", "mapped-ram", "postcopy-ram")
+
+
+def backend(**kw: Any) -> Backend:
+    base: dict[str, Any] = dict(
+        id="pc.ram",
+        qom_type="memory-backend-ram",
+        size=2**30,
+        share=False,
+        mem_path=None,
+        fstype=None,
+    )
+    base.update(kw)
+    base["memclass"] = classify(
+        base["qom_type"],
+        base["share"],
+        base["fstype"],
+        str(base["mem_path"] or "").startswith("/dev/dax"),
+    )
+    return Backend(**base)
+
+
+def facts(**kw: Any) -> VMFacts:
+    base: dict[str, Any] = dict(
+        name="web1",
+        qmp_socket="/run/cprd/qmp/web1.sock",
+        pid=42,
+        argv=("qemu",),
+        executable="/usr/bin/qemu-system-x86_64",
+        qemu_version=(10, 0, 2),
+        machine_type="pc-q35-10.0",
+        runstate="running",
+        vfio_devices=(),
+        backends=(backend(),),
+        wakeup_suspend_support=True,
+        migration_capabilities=CAPS_10,
+        migration_blockers=(),
+        agent_socket=None,
+        agent_reachable=False,
+    )
+    base.update(kw)
+    return VMFacts(**base)
+
+
+SAVE = SaveSettings()
+DISK_FILE = backend(
+    id="ram0",
+    qom_type="memory-backend-file",
+    share=True,
+    mem_path="/var/lib/vm/ram0",
+    fstype="ext4",
+)
+SHM_FILE = backend(
+    id="ram0", qom_type="memory-backend-file", share=True, mem_path="/dev/shm/ram0", fstype="tmpfs"
+)
+DAX = backend(
+    id="ram0", qom_type="memory-backend-file", share=True, mem_path="/dev/dax0.0", fstype="devtmpfs"
+)
+MEMFD = backend(id="ram0", qom_type="memory-backend-memfd", share=True)
+
+
+def test_memory_classes() -> None:
+    assert backend().memclass is MemClass.PRIVATE
+    assert DISK_FILE.memclass is MemClass.SHARED_PERSISTENT
+    assert DAX.memclass is MemClass.SHARED_PERSISTENT
+    assert SHM_FILE.memclass is MemClass.SHARED_VOLATILE
+    assert MEMFD.memclass is MemClass.SHARED_VOLATILE
+    assert classify("memory-backend-file", True, "hugetlbfs") is MemClass.SHARED_VOLATILE
+    assert classify("memory-backend-file", False, "ext4") is MemClass.PRIVATE
+
+
+def test_private_ram_is_copied_with_the_fast_settings() -> None:
+    p = plan.plan_vm(facts(), VMSettings(), SAVE, "ext4")
+    assert not p.suspend and not p.in_place and not p.problems
+    assert dict(p.settings.capabilities) == {
+        "x-ignore-shared": False,
+        "mapped-ram": True,
+        "multifd": True,
+    }
+    assert dict(p.settings.parameters) == {
+        "mode": "cpr-reboot",
+        "max-bandwidth": 2**63 - 1,
+        "multifd-channels": 4,
+        "direct-io": True,
+    }
+    assert p.bytes_to_write == 2**30 + plan.STATE_OVERHEAD
+
+
+def test_no_direct_io_on_tmpfs_state_dir() -> None:
+    p = plan.plan_vm(facts(), VMSettings(), SAVE, "tmpfs")
+    assert p.settings.parameters["direct-io"] is False
+    assert p.settings.capabilities["mapped-ram"] is True
+
+
+def test_fallbacks_for_older_qemu() -> None:
+    p90 = plan.plan_vm(facts(qemu_version=(9, 0, 0)), VMSettings(), SAVE, "ext4")
+    assert p90.settings.capabilities["mapped-ram"] is True
+    assert "direct-io" not in p90.settings.parameters
+    caps_82 = ("xbzrle", "x-ignore-shared", "multifd")
+    p82 = plan.plan_vm(
+        facts(qemu_version=(8, 2, 0), migration_capabilities=caps_82), VMSettings(), SAVE, "ext4"
+    )
+    assert dict(p82.settings.capabilities) == {"x-ignore-shared": False, "multifd": False}
+    assert dict(p82.settings.parameters) == {"mode": "cpr-reboot", "max-bandwidth": 2**63 - 1}
+    assert not p82.problems
+    p81 = plan.plan_vm(facts(qemu_version=(8, 1, 0)), VMSettings(), SAVE, "ext4")
+    assert p81.problems == ("QEMU 8.1.0 is too old for cpr-reboot (needs 8.2 or later)",)
+
+
+def test_persistent_shared_ram_stays_in_place() -> None:
+    f = facts(backends=(DISK_FILE,))
+    p = plan.plan_vm(f, VMSettings(), SAVE, "ext4")
+    assert p.in_place and p.settings.capabilities["x-ignore-shared"] is True
+    assert p.settings.capabilities["mapped-ram"] is False
+    assert p.bytes_to_write == plan.STATE_OVERHEAD
+    assert p.in_place_backends == (DISK_FILE,)
+    never = plan.plan_vm(f, VMSettings(), SaveSettings(in_place=InPlace.NEVER), "ext4")
+    assert not never.in_place and never.bytes_to_write == 2**30 + plan.STATE_OVERHEAD
+
+
+def test_one_volatile_shared_backend_forces_a_copy_of_all() -> None:
+    for volatile in (SHM_FILE, MEMFD):
+        p = plan.plan_vm(facts(backends=(DISK_FILE, volatile)), VMSettings(), SAVE, "ext4")
+        assert not p.in_place
+        assert p.settings.capabilities["x-ignore-shared"] is False
+        assert "lost at a reboot" in p.notes[1]
+    p = plan.plan_vm(facts(backends=(SHM_FILE,)), VMSettings(), SAVE, "ext4")
+    assert p.notes[1] == (
+        "shared memory lost at a reboot: ram0 (/dev/shm/ram0 on tmpfs): RAM is copied"
+    )
+
+
+def test_suspend_decisions() -> None:
+    vfio = facts(
+        vfio_devices=("hostdev0 (vfio-pci)",), agent_socket="/q.sock", agent_reachable=True
+    )
+    assert plan.decide_suspend(vfio, VMSettings()) == (
+        True,
+        "has VFIO devices (hostdev0 (vfio-pci))",
+    )
+    assert plan.decide_suspend(facts(), VMSettings())[0] is False
+    assert plan.decide_suspend(facts(), VMSettings(suspend=Suspend.ALWAYS))[0] is True
+    assert plan.decide_suspend(facts(runstate="suspended"), VMSettings(suspend=Suspend.ALWAYS)) == (
+        False,
+        "already suspended by the guest",
+    )
+    p = plan.plan_vm(vfio, VMSettings(), SAVE, "ext4")
+    assert p.suspend and not p.problems
+
+
+def test_vfio_without_agent_is_refused() -> None:
+    """Recorded facts: no VFIO hardware on this machine, so the VFIO device is data."""
+    no_agent = facts(vfio_devices=("gpu0 (vfio-pci)",))
+    assert plan.plan_vm(no_agent, VMSettings(), SAVE, "ext4").problems == (
+        "must be suspended first (has VFIO devices (gpu0 (vfio-pci))) but no guest agent is "
+        "configured",
+    )
+    silent = no_agent.replace(agent_socket="/run/qga/web1.sock")
+    assert plan.plan_vm(silent, VMSettings(), SAVE, "ext4").problems == (
+        "must be suspended first (has VFIO devices (gpu0 (vfio-pci))) but its guest agent at "
+        "/run/qga/web1.sock does not answer",
+    )
+    never = plan.plan_vm(no_agent, VMSettings(suspend=Suspend.NEVER), SAVE, "ext4")
+    assert never.problems == ("has VFIO devices but would not be suspended (suspend: never)",)
+    no_s3 = silent.replace(agent_reachable=True, wakeup_suspend_support=False)
+    assert plan.plan_vm(no_s3, VMSettings(), SAVE, "ext4").problems == (
+        "must be suspended first but the machine has S3 disabled",
+    )
+
+
+def test_runstates_and_blockers() -> None:
+    assert plan.plan_vm(facts(runstate="paused"), VMSettings(), SAVE, "ext4").problems == ()
+    assert plan.plan_vm(facts(runstate="inmigrate"), VMSettings(), SAVE, "ext4").problems == (
+        "runstate 'inmigrate' cannot be saved",
+    )
+    blocked = facts(migration_blockers=("device x does not support migration",))
+    assert plan.plan_vm(blocked, VMSettings(), SAVE, "ext4").problems == (
+        "migration blocked: device x does not support migration",
+    )
+
+
+def test_space() -> None:
+    p = plan.plan_vm(facts(), VMSettings(), SAVE, "ext4")
+    need = p.bytes_to_write
+    assert plan.space_problem([p], need + 100 * 2**20, 100 * 2**20) is None
+    assert plan.space_problem([p, p], need * 2 + 2**20, 256 * 2**20) == (
+        "not enough space in state_dir: 2080 MiB to write plus 256 MiB margin, 2081 MiB free"
+    )
+
+
+def test_duplicate_names() -> None:
+    a = facts()
+    b = facts(qmp_socket="/run/cprd/qmp/other.sock")
+    assert plan.duplicate_names([a, b]) == {
+        "web1": "two VMs share this name (/run/cprd/qmp/web1.sock and /run/cprd/qmp/other.sock)"
+    }
+
+
+def test_vm_name_and_fstype() -> None:
+    from pathlib import Path
+
+    sock = Path("/run/x/fallback.sock")
+    assert vm_name(("qemu", "-name", "web1,debug-threads=on"), sock) == "web1"
+    assert vm_name(("qemu", "-name", "guest=db,process=qemu:db"), sock) == "db"
+    assert vm_name(("qemu", "-m", "1G"), sock) == "fallback"
+    mountinfo = (
+        "22 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        "30 22 0:25 / /dev/shm rw - tmpfs tmpfs rw\n"
+        "31 22 0:26 / /dev/hugepages rw - hugetlbfs hugetlbfs rw\n"
+        "32 22 0:27 / /mnt/my\\040dir rw - xfs /dev/vdb rw\n"
+    )
+    assert fstype_of("/dev/shm/ram0", mountinfo) == "tmpfs"
+    assert fstype_of("/dev/shmx/ram0", mountinfo) == "ext4"
+    assert fstype_of("/dev/hugepages/x", mountinfo) == "hugetlbfs"
+    assert fstype_of("/mnt/my dir/ram", mountinfo) == "xfs"
+    assert fstype_of("/var/lib/x", mountinfo) == "ext4"
