@@ -117,6 +117,7 @@ class Inventory:
             self._backoff(path, str(err))
             return
         self._retry.pop(path, None)
+        conn.name = facts.name
         handle = VMHandle(conn, facts)
         conn.subscribe(functools.partial(self._on_event, handle))
         self.handles[path] = handle

@@ -181,6 +181,10 @@ class Restorer:
         )
         await self._record(rec.replace(outcome=Outcome.FAILED, reason=reason))
 
+    async def restore_vm(self, rec: VMRecord) -> str:
+        """Relaunch one VM from its state file; return its final runstate."""
+        return await self._restore(rec)
+
     async def _restore(self, rec: VMRecord) -> str:
         check_files(rec)
         await self._refuse_if_running(rec)

@@ -190,12 +190,15 @@ class Saver:
 
     async def _save_all(self, work: list[_Work], sem: asyncio.Semaphore) -> None:
         """Save in parallel; the first failure cancels the rest and is raised."""
+        first: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as group:
                 for w in work:
                     group.create_task(self._save_one(w, sem), name=f"save-{w.plan.name}")
         except* (CprdError, OSError) as errors:
-            raise errors.exceptions[0] from None
+            first = errors.exceptions[0]
+        if first is not None:
+            raise first
 
     def _work(self, handle: VMHandle, plan: VMPlan) -> _Work:
         f = handle.facts
@@ -335,15 +338,25 @@ class Saver:
                         break
                     await asyncio.sleep(POLL)
                 status = str((await conn.execute("query-status"))["status"])
-            if status in (
-                "postmigrate",
-                "paused",
-                "finish-migrate",
-            ) and w.record.runstate_before in ("running", "suspended"):
+            was_suspended = w.suspended or w.record.runstate_before == "suspended"
+            if status == "postmigrate" and was_suspended and w.saved:
+                final = await self._reload(w)
+                emit(
+                    logger,
+                    logging.INFO,
+                    Event.VM_RESUMED,
+                    "put back from its state file: %s",
+                    final,
+                    vm=name,
+                )
+                return f"resumed from its state file ({final})"
+            stopped = status in ("postmigrate", "paused", "finish-migrate")
+            if stopped and w.record.runstate_before == "running":
                 await conn.execute("cont")
             if w.suspended:
-                await self._wait_runstate(w, {"suspended", "running"}, 10)
-                await conn.execute("system_wakeup")
+                status = await self._wait_runstate(w, {"suspended", "running"}, 10)
+                if status == "suspended":
+                    await conn.execute("system_wakeup")
             final = await self._wait_runstate(
                 w,
                 {"running"}
@@ -359,6 +372,22 @@ class Saver:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(w.record.state_file)
+
+    async def _reload(self, w: _Work) -> str:
+        """Bring back a VM saved while suspended by restoring it from its state file.
+
+        QEMU 10.0 aborts on ``cont`` from postmigrate when the guest was suspended
+        ("invalid runstate transition: 'postmigrate' -> 'suspended'"), so the only safe
+        way back is the restore path: quit this QEMU and load the complete state file
+        into a new one (which comes back suspended and is woken when cprd suspended it).
+        """
+        from cprd.restore import Restorer
+
+        with contextlib.suppress(QMPError):
+            await w.handle.conn.execute("quit")
+        if not await wait_exit(w.record.pid, 30):
+            raise CprdError(f"QEMU pid {w.record.pid} did not quit")
+        return await Restorer(self.config).restore_vm(w.record)
 
     async def _rollback(self, work: list[_Work], reason: str) -> dict[str, str]:
         emit(

@@ -70,5 +70,12 @@ else
     say "virtualenv up to date"
 fi
 
+# --- accounts -----------------------------------------------------------------
+# The group whose members may read cprd's state over D-Bus, and a test user in it.
+getent group cprd >/dev/null || groupadd --system cprd
+id -u cprd-test >/dev/null 2>&1 || useradd --system --no-create-home --home-dir=/nonexistent \
+    --shell=/usr/sbin/nologin --gid=nogroup --groups=cprd cprd-test
+id -nG cprd-test | grep -qw cprd || usermod --append --groups=cprd cprd-test
+
 # --- test guest ------------------------------------------------------------
 tests/guest/build.sh

@@ -174,9 +174,6 @@ def guests(guest_image: tuple[Path, Path], vm_dir_root: Path) -> Iterator[GuestF
         raise errors[0]
 
 
-# ---------------------------------------------------------------------------------------
-# D-Bus / journald fixtures: RESERVED SPOT
-# They live in tests/fixtures_bus.py (written by another engineer) and are imported here,
-# e.g.:
-#     from fixtures_bus import journald, system_bus  # (noqa F401)
-# ---------------------------------------------------------------------------------------
+# D-Bus and journald: a private dbus-daemon with the project's own policy, a real
+# systemd-journald (tests/fixtures_bus.py).
+from fixtures_bus import cprd_accounts, dbus_daemon, journald  # noqa: E402, F401

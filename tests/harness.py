@@ -241,10 +241,20 @@ class GuestVM:
 
     @property
     def pid(self) -> int:
-        """The pid of the QEMU process this object launched."""
+        """The pid of this VM's QEMU: the one launched here, or the one that replaced it."""
         if self.proc is None:
-            raise RuntimeError(f"{self} was not started")
+            pids = self.running_pids()
+            if len(pids) != 1:
+                raise RuntimeError(f"{self}: expected one QEMU, found {pids}")
+            return pids[0]
         return self.proc.pid
+
+    def released(self) -> None:
+        """The QEMU launched here has exited and another process (a restore) may replace it:
+        from now on the VM is followed by its socket, not by the Popen."""
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+            self.proc = None
 
     def launch(self, argv: Sequence[str] | None = None) -> None:
         """Popen QEMU (self.argv unless given) without waiting for anything."""

@@ -224,3 +224,49 @@ def test_vm_name_and_fstype() -> None:
     assert fstype_of("/dev/hugepages/x", mountinfo) == "hugetlbfs"
     assert fstype_of("/mnt/my dir/ram", mountinfo) == "xfs"
     assert fstype_of("/var/lib/x", mountinfo) == "ext4"
+
+
+class RecordedQMP:
+    """Replays recorded QMP replies.
+
+    A fake, because this machine has no VFIO hardware: the qom-list replies below are
+    what QEMU returns for a VM with a vfio-pci device (-device vfio-pci,id=hostdev0,...).
+    """
+
+    def __init__(self, replies: dict[str, Any]) -> None:
+        self.replies = replies
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        key = f"{cmd} {args['path']}" if args and "path" in args else cmd
+        if key not in self.replies:
+            from cprd.errors import QMPError
+
+            raise QMPError(f"recorded: no reply for {key}")
+        return self.replies[key]
+
+
+async def test_vfio_detection_on_recorded_replies() -> None:
+    from cprd.vm import vfio_devices
+
+    qmp = RecordedQMP(
+        {
+            "qom-list /machine/peripheral": [
+                {"name": "type", "type": "string"},
+                {"name": "hostdev0", "type": "child<vfio-pci>"},
+                {"name": "net0", "type": "child<virtio-net-pci>"},
+            ],
+            "qom-list /machine/peripheral-anon": [
+                {"name": "device[0]", "type": "child<vfio-pci-nohotplug>"},
+                {"name": "device[1]", "type": "child<virtio-serial-pci>"},
+            ],
+        }
+    )
+    found = await vfio_devices(qmp)  # type: ignore[arg-type]
+    assert found == ("hostdev0 (vfio-pci)", "device[0] (vfio-pci-nohotplug)")
+    none = await vfio_devices(RecordedQMP({}))  # type: ignore[arg-type]
+    assert none == ()
+    f = facts(vfio_devices=found, agent_socket=None)
+    assert plan.plan_vm(f, VMSettings(), SAVE, "ext4").problems == (
+        "must be suspended first (has VFIO devices (hostdev0 (vfio-pci), device[0] "
+        "(vfio-pci-nohotplug))) but no guest agent is configured",
+    )
