@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import GuestSpec, GuestVM, Memory, guest_image, start_guests  # noqa: E402
+from harness import GuestSpec, GuestVM, Memory, guest_image, start_guests
 
-from cprd import config, log  # noqa: E402
-from cprd.inventory import Inventory  # noqa: E402
-from cprd.restore import Restorer  # noqa: E402
-from cprd.save import Saver  # noqa: E402
+from cprd import config, log
+from cprd.inventory import Inventory
+from cprd.restore import Restorer
+from cprd.save import Saver
 
 
 def say(text: str) -> None:
@@ -74,7 +74,7 @@ async def cycle(root: Path, vms: list[GuestVM]) -> None:
         vm.released()
     say("simulated reboot: no QEMU is running")
     print("  " + ", ".join(f"{vm.name}: {len(vm.running_pids())} QEMU" for vm in vms))
-    time.sleep(1)
+    await asyncio.sleep(1)
 
     say("cprd restore")
     restored = await Restorer(cfg, progress=clock).run()
