@@ -47,6 +47,30 @@ def test_agent_suspend_and_wakeup(guests: GuestFactory) -> None:
     assert ticks[-1] > at_wakeup >= frozen
 
 
+def test_suspend_twice(guests: GuestFactory) -> None:
+    # QEMU's wake-up resets the chipset's ACPI PM registers; the guest's pm-suspend puts
+    # them back, else the second suspend would return at once without suspending.
+    (vm,) = guests(GuestSpec("s3twice"))
+    vm.wait_tick_above(0, timeout=10)
+
+    last = 0
+    for _ in range(2):
+        assert vm.agent("guest-suspend-ram", expect_reply=False) is None
+        vm.wait_runstate("suspended", timeout=10)
+        frozen = vm.last_tick()
+        assert frozen is not None and frozen >= last
+
+        assert vm.qmp("system_wakeup") == {}
+        vm.wait_runstate("running", timeout=10)
+        last = vm.wait_tick_above(frozen, timeout=10)
+        assert last > frozen
+        assert vm.agent("guest-ping") == {}
+
+    assert vm.runstate() == "running"
+    ticks = assert_ticks_consecutive(vm)
+    assert ticks[-1] >= last
+
+
 def test_machines_and_memory_backends(guests: GuestFactory) -> None:
     pc, file_vm, shm_vm, memfd_vm = guests(
         GuestSpec("pc", machine="pc", fill_mib=16),

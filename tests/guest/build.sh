@@ -13,6 +13,9 @@
 # Guest behaviour (/init):
 #   - mounts proc, sys, devtmpfs, /tmp (tmpfs)
 #   - insmods the virtio modules (no modules.dep, fixed order)
+#   - saves the chipset's ACPI PM I/O base and enable registers; pm-suspend (what qemu-ga's
+#     guest-suspend-ram runs) restores them around every suspend, because QEMU's wake-up
+#     resets them and without that only the first suspend would work
 #   - if a virtio console device exists: starts `qemu-ga -m virtio-serial -p /dev/vport0p1`
 #     in the background and waits until it holds the port open
 #   - kernel argument cprd.fill=<MiB>: fills a tmpfs with that much /dev/urandom data
@@ -139,9 +142,57 @@ exit 0
 EOF
 cat >"$ROOT/usr/sbin/pm-suspend" <<'EOF'
 #!/bin/sh
+# Put the ACPI PM registers back before suspending and after waking (see cprd-acpi-regs).
+cprd-acpi-regs restore
 echo mem > /sys/power/state
+rc=$?
+cprd-acpi-regs restore
+exit $rc
 EOF
-chmod 755 "$ROOT/usr/sbin/pm-is-supported" "$ROOT/usr/sbin/pm-suspend"
+# QEMU wakes an x86 guest from S3 by resetting the machine, which puts the chipset's ACPI
+# PM I/O base and enable bit back to their defaults (q35: ICH9 LPC 00:1f.0 PMBASE 0x40,
+# ACPI_CNTL 0x44; pc: PIIX4 PM 00:01.3 PMBASE 0x40, PMREGMISC 0x80). SeaBIOS's resume path
+# does not program them again and Linux does not restore them (they lie past the standard
+# config header), so after the first wake-up PM1_CNT is unmapped: the next S3 write is
+# lost, WAK_STS reads as all-ones and the kernel "resumes" at once without ever
+# suspending. /init saves the boot values; pm-suspend writes them back.
+cat >"$ROOT/usr/sbin/cprd-acpi-regs" <<'EOF'
+#!/bin/sh
+# cprd-acpi-regs save|restore
+dir=/run/cprd-acpi-regs
+dev=
+en=
+for d in /sys/bus/pci/devices/*; do
+	case "$(cat "$d/vendor" 2>/dev/null):$(cat "$d/device" 2>/dev/null)" in
+	0x8086:0x2918) dev=$d en=68 ;;  # ICH9 LPC: ACPI_CNTL
+	0x8086:0x7113) dev=$d en=128 ;; # PIIX4 PM: PMREGMISC
+	esac
+done
+[ -n "$dev" ] || exit 0
+cfg=$dev/config
+case $1 in
+save)
+	mkdir -p "$dir" &&
+		dd if="$cfg" of="$dir/base" bs=4 skip=16 count=1 2>/dev/null &&
+		dd if="$cfg" of="$dir/en" bs=1 skip="$en" count=1 2>/dev/null
+	;;
+restore)
+	[ -f "$dir/base" ] && [ -f "$dir/en" ] || exit 0
+	dd if="$cfg" of="$dir/cur" bs=4 skip=16 count=1 2>/dev/null
+	cmp -s "$dir/base" "$dir/cur" ||
+		dd if="$dir/base" of="$cfg" bs=4 seek=16 count=1 conv=notrunc 2>/dev/null
+	dd if="$cfg" of="$dir/cur" bs=1 skip="$en" count=1 2>/dev/null
+	cmp -s "$dir/en" "$dir/cur" ||
+		dd if="$dir/en" of="$cfg" bs=1 seek="$en" count=1 conv=notrunc 2>/dev/null
+	;;
+*)
+	echo "usage: cprd-acpi-regs save|restore" >&2
+	exit 2
+	;;
+esac
+EOF
+chmod 755 "$ROOT/usr/sbin/pm-is-supported" "$ROOT/usr/sbin/pm-suspend" \
+	"$ROOT/usr/sbin/cprd-acpi-regs"
 
 echo "root:x:0:0:root:/:/bin/sh" >"$ROOT/etc/passwd"
 echo "root:x:0:" >"$ROOT/etc/group"
@@ -168,6 +219,9 @@ for arg in $(cat /proc/cmdline); do
 	cprd.fill=*) fill=${arg#cprd.fill=} ;;
 	esac
 done
+
+# The chipset's ACPI PM registers as the firmware set them, for pm-suspend to restore.
+cprd-acpi-regs save || say "cprd-guest: cannot save the ACPI PM registers"
 
 # The agent only if the VM has a virtio console device (virtio device id 3).
 has_console=0
