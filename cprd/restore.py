@@ -157,7 +157,7 @@ class Restorer:
         async with sem:
             try:
                 async with asyncio.timeout(self.config.restore.timeout_s):
-                    final = await self._restore(rec)
+                    final = await self.restore_vm(rec)
             except TimeoutError:
                 await self._fail(rec, f"not back within {self.config.restore.timeout_s}s")
             except (CprdError, OSError) as err:
@@ -183,9 +183,6 @@ class Restorer:
 
     async def restore_vm(self, rec: VMRecord) -> str:
         """Relaunch one VM from its state file; return its final runstate."""
-        return await self._restore(rec)
-
-    async def _restore(self, rec: VMRecord) -> str:
         check_files(rec)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)

@@ -27,6 +27,7 @@ from cprd.inventory import Inventory, VMHandle
 from cprd.log import Event, emit
 from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
 from cprd.plan import VMPlan, duplicate_names, plan_vm, space_problem
+from cprd.restore import Restorer
 from cprd.vm import fstype_of
 
 logger = logging.getLogger(__name__)
@@ -381,8 +382,6 @@ class Saver:
         way back is the restore path: quit this QEMU and load the complete state file
         into a new one (which comes back suspended and is woken when cprd suspended it).
         """
-        from cprd.restore import Restorer
-
         with contextlib.suppress(QMPError):
             await w.handle.conn.execute("quit")
         if not await wait_exit(w.record.pid, 30):
