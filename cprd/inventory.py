@@ -65,6 +65,8 @@ class Inventory:
     _retry: dict[Path, _Retry] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    #: Sockets left alone (a restore is talking to them: QMP serves one client at a time).
+    exclude: set[Path] = field(default_factory=set)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -87,7 +89,7 @@ class Inventory:
 
     async def scan(self) -> None:
         """One pass: connect new sockets, drop dead ones, refresh changed facts."""
-        present = set(self.sockets())
+        present = set(self.sockets()) - self.exclude
         for path, handle in list(self.handles.items()):
             if handle.conn.closed.is_set() or path not in present:
                 await self._drop(path, "QEMU went away" if path in present else "socket removed")

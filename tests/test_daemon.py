@@ -1,0 +1,257 @@
+"""The daemon on a private system bus with the project's own policy, driven by cprdctl.
+
+Real: the cprd daemon process, dbus-daemon with config/org.cprd.Cprd1.conf, QEMU guests
+with qemu-ga, systemd-journald.  A stand-in only for logind, whose
+PrepareForShutdownWithMetadata signal needs systemd 255 (Debian 12 has 252) and which
+cannot run without systemd as PID 1 here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dbus_fast import Message, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.auth import AuthExternal
+from fixtures_bus import BusDaemon, CprdAccounts, Journald
+from harness import GuestFactory, GuestSpec, GuestVM, Memory
+from test_cycle import make_config
+
+from cprd.log import Event
+
+pytestmark = pytest.mark.qemu
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    bus: str
+    config: Path
+
+    def ctl(
+        self, *args: str, user: tuple[int, int, list[int]] | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        kw: dict[str, Any] = {}
+        if user is not None:
+            kw.update(user=user[0], group=user[1], extra_groups=user[2])
+        return subprocess.run(
+            [str(BIN / "cprdctl"), "--bus", self.bus, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **kw,
+        )
+
+    def wait_state(self, state: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.ctl("status", "--json")
+            if out.returncode == 0 and json.loads(out.stdout)["state"] == state:
+                return
+            assert time.monotonic() < deadline, (out.stdout, out.stderr, self.log.read_text())
+            time.sleep(0.2)
+
+
+def start_daemon(bus: BusDaemon, root: Path) -> Daemon:
+    """The real daemon, as root, on the private bus; logging to journald when it runs."""
+    cfg = root / "cprd.yaml"
+    make_config(root)
+    log = root / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "cprd"), "--config", str(cfg), "--bus", bus.address],
+            stdout=out,
+            stderr=out,
+        )
+    return Daemon(proc, log, bus.address, cfg)
+
+
+def stop_daemon(d: Daemon) -> None:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+    # SIGTERM exits cleanly, leaving the VMs as they are.
+    assert d.proc.wait(timeout=30) == 0, d.log.read_text()
+
+
+@pytest.fixture
+def daemon(dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald) -> Iterator[Daemon]:
+    d = start_daemon(dbus_daemon, vm_dir_root)
+    try:
+        deadline = time.monotonic() + 20
+        while d.ctl("status", "--json").returncode != 0:
+            assert d.proc.poll() is None, d.log.read_text()
+            assert time.monotonic() < deadline, d.log.read_text()
+            time.sleep(0.2)
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def running(vms: list[GuestVM]) -> dict[str, str]:
+    return {vm.name: vm.runstate() for vm in vms}
+
+
+def test_cprdctl_cycle_over_the_bus(
+    guests: GuestFactory, daemon: Daemon, journald: Journald, cprd_accounts: CprdAccounts
+) -> None:
+    web, db = guests(GuestSpec("web"), GuestSpec("db", memory=Memory.FILE))
+    vms = [web, db]
+    daemon.wait_state("idle")
+    deadline = time.monotonic() + 20
+    while json.loads(daemon.ctl("status", "--json").stdout)["vms"].__len__() < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    status = daemon.ctl("status")
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    assert lines[0] == "cprd: idle, 2 VMs"
+    assert lines[1].split() == [
+        "VM",
+        "RUNSTATE",
+        "RAM",
+        "MEMORY",
+        "VFIO",
+        "AGENT",
+        "ACTION",
+        "TO",
+        "WRITE",
+    ]
+    assert lines[2].split()[:6] == ["db", "running", "128", "MiB", "shared-persistent", "-"]
+    assert "save (RAM in place)" in lines[2] and "save (RAM copied)" in lines[3]
+    check = daemon.ctl("check")
+    assert check.returncode == 0 and check.stdout.splitlines() == [
+        "db: save (RAM in place): ok",
+        "web: save (RAM copied): ok",
+    ]
+
+    member = (cprd_accounts.member_uid, cprd_accounts.member_gid, cprd_accounts.member_groups)
+    nobody: tuple[int, int, list[int]] = (65534, 65534, [])
+    assert daemon.ctl("status", user=member).returncode == 0
+    denied = daemon.ctl("prepare-kexec", user=member)
+    assert denied.returncode == 3
+    assert denied.stderr.strip() == (
+        "cprdctl: AccessDenied: permission denied for PrepareKexec (root, or group cprd for reads)"
+    )
+    assert daemon.ctl("status", user=nobody).returncode == 3
+    assert running(vms) == {"web": "running", "db": "running"}
+
+    prep = daemon.ctl("prepare-kexec")
+    assert prep.returncode == 0, prep.stderr + daemon.log.read_text()
+    assert prep.stdout.splitlines()[-1].startswith("prepared: manifest ")
+    assert any(line.startswith("web: saving") for line in prep.stdout.splitlines()), prep.stdout
+    assert running(vms) == {"web": "postmigrate", "db": "postmigrate"}
+    again = daemon.ctl("prepare-kexec")
+    assert again.returncode == 4
+    assert again.stderr.strip() == ("cprdctl: Busy: cannot prepare while prepared (needs idle)")
+    assert "phase: prepared" in daemon.ctl("manifest").stdout
+
+    resume = daemon.ctl("resume")
+    assert resume.returncode == 0 and resume.stdout.splitlines() == [
+        "db: resumed (running)",
+        "web: resumed (running)",
+    ]
+    assert running(vms) == {"web": "running", "db": "running"}
+    daemon.wait_state("idle")
+
+    commit = daemon.ctl("prepare-kexec", "--commit")
+    assert commit.returncode == 0, commit.stderr
+    for vm in vms:
+        vm.released()
+        vm.wait_exit()
+    daemon.wait_state("committed")
+    last = {vm.name: vm.last_tick() for vm in vms}
+
+    restore = daemon.ctl("restore")
+    assert restore.returncode == 0, restore.stderr + daemon.log.read_text()
+    assert restore.stdout.splitlines() == ["db: restored: running", "web: restored: running"]
+    for vm in vms:
+        tick = last[vm.name]
+        assert tick is not None and vm.wait_tick_above(tick) > tick
+    daemon.wait_state("idle")
+
+    # journald: each VM's save and restore, with its fields and MESSAGE_IDs.
+    ids = {Event.VM_SAVED.value, Event.VM_RESTORED.value}
+    entries = journald.entries(
+        CPRD_VM="web", until=lambda es: ids <= {e.get("MESSAGE_ID") for e in es}
+    )
+    got = {e["MESSAGE_ID"]: e for e in entries if e.get("MESSAGE_ID") in ids}
+    assert set(got) == ids
+    assert got[Event.VM_SAVED.value]["CPRD_PHASE"] == "preparing"
+    assert got[Event.VM_RESTORED.value]["CPRD_MANIFEST"].endswith("/state/manifest.yaml")
+    assert got[Event.VM_SAVED.value]["PRIORITY"] == "6"
+
+
+async def _connect(address: str) -> MessageBus:
+    return await asyncio.wait_for(
+        MessageBus(bus_address=address, auth=AuthExternal(), negotiate_unix_fd=True).connect(), 5
+    )
+
+
+async def test_logind_kexec_signal_prepares_and_commits(
+    guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald
+) -> None:
+    """A stand-in logind (systemd 252 here predates PrepareForShutdownWithMetadata)."""
+    (vm,) = guests(GuestSpec("k"))
+    login1 = await _connect(dbus_daemon.address)
+    inhibit_read, inhibit_write = os.pipe()
+    inhibited = asyncio.Event()
+
+    def handler(msg: Message) -> Message | None:
+        if msg.member == "Inhibit" and msg.interface == "org.freedesktop.login1.Manager":
+            assert msg.body == ["shutdown", "cprd", "save every VM before a kexec", "delay"]
+            inhibited.set()
+            return Message.new_method_return(msg, "h", [0], unix_fds=[inhibit_write])
+        return None
+
+    login1.add_message_handler(handler)
+    await login1.request_name("org.freedesktop.login1")
+    d = start_daemon(dbus_daemon, vm_dir_root)
+    try:
+        await asyncio.wait_for(inhibited.wait(), 20)
+        os.close(inhibit_write)  # the daemon holds the only write end now
+        # Wait until the daemon holds the VM, then announce a kexec.
+        held = await asyncio.to_thread(
+            journald.entries,
+            CPRD_VM="k",
+            until=lambda es: any("holding" in e["MESSAGE"] for e in es),
+            timeout=20,
+        )
+        assert any("holding" in e["MESSAGE"] for e in held)
+        login1.send(
+            Message.new_signal(
+                "/org/freedesktop/login1",
+                "org.freedesktop.login1.Manager",
+                "PrepareForShutdownWithMetadata",
+                "ba{sv}",
+                [True, {"type": Variant("s", "kexec")}],
+            )
+        )
+        vm.released()
+        await asyncio.to_thread(vm.wait_exit, 60)
+        # The delay lock is released: the pipe's write end is closed everywhere.
+        loop = asyncio.get_running_loop()
+        assert (
+            await asyncio.wait_for(loop.run_in_executor(None, os.read, inhibit_read, 1), 30) == b""
+        )
+        committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
+        assert committed[0]["CPRD_PHASE"] == "committed"
+    finally:
+        os.close(inhibit_read)
+        stop_daemon(d)
+        login1.disconnect()
