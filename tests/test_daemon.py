@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from dbus_fast import Message, Variant
+from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 from fixtures_bus import BusDaemon, CprdAccounts, Journald
@@ -255,3 +255,98 @@ async def test_logind_kexec_signal_prepares_and_commits(
         os.close(inhibit_read)
         stop_daemon(d)
         login1.disconnect()
+
+
+async def _call(bus: MessageBus, member: str, sig: str, body: list[Any]) -> Message:
+    reply = await asyncio.wait_for(
+        bus.call(
+            Message(
+                destination="org.cprd.Cprd1",
+                path="/org/cprd/Cprd1",
+                interface="org.cprd.Cprd1.Manager",
+                member=member,
+                signature=sig,
+                body=body,
+            )
+        ),
+        60,
+    )
+    assert reply is not None
+    return reply
+
+
+async def test_bad_arguments_and_the_root_broadcast(guests: GuestFactory, daemon: Daemon) -> None:
+    (vm,) = guests(GuestSpec("b"))
+    bus = await _connect(daemon.bus)
+    try:
+        unknown = await _call(bus, "PrepareKexec", "a{sv}", [{"reboot": Variant("b", True)}])
+        assert (unknown.error_name, unknown.body) == (
+            "org.cprd.Cprd1.Error.InvalidArgs",
+            ["unknown option 'reboot' (known: commit)"],
+        )
+        wrong = await _call(bus, "PrepareKexec", "a{sv}", [{"commit": Variant("s", "yes")}])
+        assert (wrong.error_name, wrong.body) == (
+            "org.cprd.Cprd1.Error.InvalidArgs",
+            ["option 'commit': expected bool, got str"],
+        )
+        bad_sig = await _call(bus, "PrepareKexec", "s", ["now"])
+        # dbus-fast looks methods up by name and signature: a wrong one is unknown.
+        assert bad_sig.error_name == "org.freedesktop.DBus.Error.UnknownMethod"
+        assert vm.runstate() == "running"
+        commit = await _call(bus, "Commit", "", [])
+        assert (commit.error_name, commit.body) == (
+            "org.cprd.Cprd1.Error.Busy",
+            ["cannot commit while idle (needs prepared)"],
+        )
+
+        # Fleet tooling may broadcast PrepareKexec instead of calling it (root only).
+        finished: asyncio.Queue[list[Any]] = asyncio.Queue()
+
+        def on_signal(msg: Message) -> bool:
+            if msg.member == "PrepareFinished":
+                finished.put_nowait(msg.body)
+            return False
+
+        bus.add_message_handler(on_signal)
+        await asyncio.wait_for(
+            bus.call(
+                Message(
+                    destination="org.freedesktop.DBus",
+                    path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus",
+                    member="AddMatch",
+                    signature="s",
+                    body=[
+                        "type='signal',interface='org.cprd.Cprd1.Manager',member='PrepareFinished'"
+                    ],
+                )
+            ),
+            5,
+        )
+        await asyncio.sleep(1)  # let the inventory hold the new VM
+        bus.send(
+            Message.new_signal(
+                "/org/cprd/Cprd1", "org.cprd.Cprd1.Manager", "PrepareKexec", "a{sv}", [{}]
+            )
+        )
+        ok, detail = await asyncio.wait_for(finished.get(), 60)
+        assert (ok, detail) == (True, str(Path(daemon.config).parent / "state/manifest.yaml"))
+        assert vm.runstate() == "postmigrate"
+        resumed = await _call(bus, "Resume", "", [])
+        assert resumed.message_type == MessageType.METHOD_RETURN
+        assert vm.runstate() == "running"
+    finally:
+        bus.disconnect()
+
+
+def test_kexec_with_a_bad_kernel_stops_nothing(guests: GuestFactory, daemon: Daemon) -> None:
+    (vm,) = guests(GuestSpec("kx"))
+    out = daemon.ctl("kexec", "--kernel", "/nonexistent/vmlinuz", "--reuse-cmdline")
+    assert out.returncode == 1
+    assert out.stderr.startswith("cprdctl: kexec -l failed (")
+    assert vm.runstate() == "running"
+    usage = daemon.ctl("kexec", "--initrd", "/boot/initrd.img")
+    assert (usage.returncode, usage.stderr.strip()) == (
+        2,
+        "cprdctl: --initrd, --append and --reuse-cmdline need --kernel",
+    )
