@@ -20,6 +20,7 @@ from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, StateError
 from cprd.inventory import Inventory, VMHandle
+from cprd.launch import Launcher
 from cprd.manifest import Phase
 from cprd.restore import Restorer
 from cprd.save import Saver
@@ -63,10 +64,11 @@ Listener = Callable[..., None]
 
 
 class Controller:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, launcher: Launcher | None = None) -> None:
         self.config = config
+        self.launcher = launcher
         self.inventory = Inventory(config, on_change=self._vm_changed)
-        self.saver = Saver(config, self.inventory, self._progress)
+        self.saver = Saver(config, self.inventory, self._progress, launcher)
         self.state = State.IDLE
         self._lock = asyncio.Lock()
         #: hooks set by the adapter: state(State), vm(name, facts|None), progress(...)
@@ -193,7 +195,7 @@ class Controller:
             sockets = {Path(r.qmp_socket) for r in manifest.vms}
             self.inventory.exclude |= sockets
             try:
-                result = await Restorer(self.config, self.manifest_path).run()
+                result = await Restorer(self.config, self.manifest_path, self.launcher).run()
             finally:
                 self.inventory.exclude -= sockets
             self._set(State.IDLE if result.phase is Phase.RESTORED else State.COMMITTED)

@@ -19,8 +19,10 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 
 from cprd.config import Config
+from cprd.config import Launcher as LauncherKind
 from cprd.controller import Controller, State
 from cprd.errors import CprdError, TransportError
+from cprd.launch import Launcher, SystemdLauncher, make_launcher
 from cprd.service import NAME, PATH, BusGlue, Manager
 
 logger = logging.getLogger(__name__)
@@ -60,8 +62,20 @@ async def _watchdog() -> None:
         await asyncio.sleep(usec / 2e6)
 
 
+def daemon_launcher(config: Config, bus_address: str | None) -> Launcher:
+    """How the daemon itself starts a QEMU (a reload during rollback, a Restore call).
+
+    Under systemd the daemon runs sandboxed, and a QEMU it spawned directly would inherit
+    the sandbox and die with the daemon: it asks systemd for a transient unit instead.
+    """
+    if os.environ.get("INVOCATION_ID") and config.restore.launcher is not LauncherKind.SYSTEMD:
+        logger.info("running under systemd: QEMUs the daemon starts get transient units")
+        return SystemdLauncher(bus_address)
+    return make_launcher(config, bus_address)
+
+
 async def run_daemon(config: Config, bus_address: str | None) -> int:
-    controller = Controller(config)
+    controller = Controller(config, daemon_launcher(config, bus_address))
     bus = await connect(bus_address)
     manager = Manager(controller)
     glue = BusGlue(bus, manager)

@@ -24,6 +24,7 @@ from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import AgentError, CprdError, PreflightError, QMPError, SaveError, StateError
 from cprd.inventory import Inventory, VMHandle
+from cprd.launch import Launcher
 from cprd.log import Event, emit
 from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
 from cprd.plan import VMPlan, duplicate_names, plan_vm, space_problem
@@ -61,9 +62,15 @@ def state_fstype(state_dir: Path) -> str | None:
 
 class Saver:
     def __init__(
-        self, config: Config, inventory: Inventory, progress: ProgressCallback | None = None
+        self,
+        config: Config,
+        inventory: Inventory,
+        progress: ProgressCallback | None = None,
+        launcher: Launcher | None = None,
     ) -> None:
         self.config = config
+        #: starts a QEMU when a VM saved while suspended must be reloaded (see _reload)
+        self.launcher = launcher
         self.inventory = inventory
         self.progress = progress or (lambda *_: None)
         self.manifest_path = config.manifest_path
@@ -386,7 +393,7 @@ class Saver:
             await w.handle.conn.execute("quit")
         if not await wait_exit(w.record.pid, 30):
             raise CprdError(f"QEMU pid {w.record.pid} did not quit")
-        return await Restorer(self.config).restore_vm(w.record)
+        return await Restorer(self.config, launcher=self.launcher).restore_vm(w.record)
 
     async def _rollback(self, work: list[_Work], reason: str) -> dict[str, str]:
         emit(

@@ -350,3 +350,19 @@ def test_kexec_with_a_bad_kernel_stops_nothing(guests: GuestFactory, daemon: Dae
         2,
         "cprdctl: --initrd, --append and --reuse-cmdline need --kernel",
     )
+
+
+def test_daemon_under_systemd_starts_qemus_as_transient_units(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under systemd (INVOCATION_ID set) the sandboxed daemon must not spawn QEMUs itself."""
+    from cprd import config
+    from cprd.daemon import daemon_launcher
+    from cprd.launch import DirectLauncher, SystemdLauncher
+
+    cfg = config.Config()
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    assert isinstance(daemon_launcher(cfg, None), DirectLauncher)
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    launcher = daemon_launcher(cfg, "unix:path=/run/x")
+    assert isinstance(launcher, SystemdLauncher) and launcher.bus_address == "unix:path=/run/x"
