@@ -67,7 +67,7 @@ class Daemon:
             time.sleep(0.2)
 
 
-def start_daemon(bus: BusDaemon, root: Path) -> Daemon:
+def start_daemon(bus: BusDaemon, root: Path, env: dict[str, str] | None = None) -> Daemon:
     """The real daemon, as root, on the private bus; logging to journald when it runs."""
     cfg = root / "cprd.yaml"
     make_config(root)
@@ -77,6 +77,7 @@ def start_daemon(bus: BusDaemon, root: Path) -> Daemon:
             [str(BIN / "cprd"), "--config", str(cfg), "--bus", bus.address],
             stdout=out,
             stderr=out,
+            env={**os.environ, **(env or {})},
         )
     return Daemon(proc, log, bus.address, cfg)
 
@@ -366,3 +367,30 @@ def test_daemon_under_systemd_starts_qemus_as_transient_units(
     monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
     launcher = daemon_launcher(cfg, "unix:path=/run/x")
     assert isinstance(launcher, SystemdLauncher) and launcher.bus_address == "unix:path=/run/x"
+
+
+def test_sd_notify(guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path) -> None:
+    """The notify protocol as systemd speaks it: a datagram socket in NOTIFY_SOCKET."""
+    import socket
+
+    guests(GuestSpec("n"))
+    path = vm_dir_root / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(20)
+    d = start_daemon(
+        dbus_daemon, vm_dir_root, {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}
+    )
+    got: list[str] = []
+    try:
+        while "READY=1" not in got:
+            got += sock.recv(4096).decode().splitlines()
+        while not any(m.startswith("STATUS=") for m in got) or got.count("WATCHDOG=1") < 2:
+            got += sock.recv(4096).decode().splitlines()
+        assert "STATUS=idle, 1 VMs" in got
+        d.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in got:
+            got += sock.recv(4096).decode().splitlines()
+    finally:
+        stop_daemon(d)
+        sock.close()
