@@ -122,8 +122,10 @@ async def _local(config: cfg.Config, command: str, commit: bool) -> int:
             for _, plan in plans:
                 status = "ok" if not plan.problems else "; ".join(plan.problems)
                 print(f"{plan.name}: {plan.action}: {status}")
-            if "state_dir" in problems:
-                print(f"state_dir: {problems['state_dir']}")
+            named = {plan.name for _, plan in plans}
+            for what, why in sorted(problems.items()):
+                if what not in named:
+                    print(f"{what}: {why}")
             return EXIT_FAILED if problems else EXIT_OK
         if command == "prepare":
             manifest = await saver.prepare()

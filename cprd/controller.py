@@ -24,6 +24,7 @@ from cprd.launch import Launcher
 from cprd.manifest import Phase
 from cprd.restore import Restorer
 from cprd.save import Saver
+from cprd.transfer import Upgrader
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class State(enum.Enum):
     COMMITTING = "committing"
     COMMITTED = "committed"
     RESUMING = "resuming"
+    UPGRADING = "upgrading"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Controller:
         self.launcher = launcher
         self.inventory = Inventory(config, on_change=self._vm_changed)
         self.saver = Saver(config, self.inventory, self._progress, launcher)
+        self.upgrader = Upgrader(config, self.inventory, launcher, self._progress)
         self.state = State.IDLE
         self._lock = asyncio.Lock()
         #: hooks set by the adapter: state(State), vm(name, facts|None), progress(...)
@@ -115,8 +118,10 @@ class Controller:
 
     async def check(self) -> list[dict[str, Any]]:
         plans, problems = await self.saver.plan()
+        upgrade = {h.name: (ok, why) for h, _, ok, why in await self.upgrader.paths(None, None)}
         out = []
         for handle, plan in plans:
+            ok, why = upgrade.get(plan.name, (False, "?"))
             out.append(
                 {
                     "name": plan.name,
@@ -128,6 +133,8 @@ class Controller:
                     "problems": list(plan.problems),
                     "ok": not plan.problems,
                     "runstate": handle.facts.runstate,
+                    "qemu_upgrade": "cpr-transfer" if ok else "file",
+                    "qemu_upgrade_why": why,
                 }
             )
         if "state_dir" in problems:
@@ -160,7 +167,8 @@ class Controller:
             try:
                 await self.saver.prepare()
             except BaseException:
-                self._set(State.IDLE)
+                # A VM that could not be put back stays in the manifest: resumable.
+                self._set(State.IDLE if self._manifest_phase() is None else State.PREPARED)
                 raise
             self._set(State.PREPARED)
         if options.commit:
@@ -201,6 +209,16 @@ class Controller:
             self._set(State.IDLE if result.phase is Phase.RESTORED else State.COMMITTED)
             await self.inventory.scan()
             return {r.name: f"{r.outcome.value}: {r.reason}" for r in result.vms}
+
+    async def upgrade(self, names: list[str], binary: str | None) -> dict[str, str]:
+        """Move VMs to a new QEMU process without a reboot (cpr-transfer where possible)."""
+        self._begin({State.IDLE}, "upgrade QEMU")
+        async with self._lock:
+            self._set(State.UPGRADING)
+            try:
+                return await self.upgrader.upgrade(names or None, binary)
+            finally:
+                self._set(State.IDLE)
 
     # --- hooks ----------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
     cprdctl [--bus ADDRESS] status|check|manifest [--json]
     cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume | restore
+    cprdctl [--bus ADDRESS] upgrade-qemu [--binary PATH] [VM ...]
     cprdctl [--bus ADDRESS] kexec [--kernel K [--initrd I] [--append A | --reuse-cmdline]]
     cprdctl guard-stop        (ExecStop of cprd-kexec-guard.service)
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -198,11 +200,11 @@ async def check(client: Client, as_json: bool) -> int:
     else:
         for r in results:
             what = "ok" if r["ok"] else "; ".join(r["problems"])
-            print(
-                f"{r['name']}: {r.get('action', '')}: {what}"
-                if "action" in r
-                else f"{r['name']}: {what}"
-            )
+            if "action" not in r:
+                print(f"{r['name']}: {what}")
+                continue
+            print(f"{r['name']}: {r['action']}: {what}")
+            print(f"  QEMU-only upgrade: {r['qemu_upgrade']} ({r['qemu_upgrade_why']})")
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
 
 
@@ -225,7 +227,12 @@ def load_kernel(args: argparse.Namespace) -> None:
         argv.append("--reuse-cmdline")
     elif args.append is not None:
         argv.append(f"--append={args.append}")
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise CtlError(
+            f"cannot run kexec: {err.strerror} (install kexec-tools)", EXIT_FAILED
+        ) from err
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise CtlError(f"kexec -l failed ({proc.returncode}): {detail}", EXIT_FAILED)
@@ -240,14 +247,21 @@ async def kexec(client: Client, args: argparse.Namespace) -> int:
         await client.call("Resume", "", timeout=LONG_CALL)
         raise
     # `systemctl kexec`: systemd stops the units, then kexecs into the loaded kernel.
-    await client.call(
-        "StartUnit",
-        "ss",
-        ["kexec.target", "replace-irreversibly"],
-        iface="org.freedesktop.systemd1.Manager",
-        dest="org.freedesktop.systemd1",
-        path="/org/freedesktop/systemd1",
-    )
+    try:
+        await client.call(
+            "StartUnit",
+            "ss",
+            ["kexec.target", "replace-irreversibly"],
+            iface="org.freedesktop.systemd1.Manager",
+            dest="org.freedesktop.systemd1",
+            path="/org/freedesktop/systemd1",
+        )
+    except CtlError as err:
+        raise CtlError(
+            f"every VM is saved and committed, but systemd did not kexec ({err}); "
+            "kexec by hand, or bring them back with `cprdctl restore`",
+            EXIT_FAILED,
+        ) from err
     print("committed; systemd is kexecing")
     return EXIT_OK
 
@@ -298,13 +312,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("commit", help="quit the saved QEMUs")
     sub.add_parser("resume", help="undo a prepare: every VM back as it was")
     sub.add_parser("restore", help="restore the VMs of a committed manifest")
+    u = sub.add_parser("upgrade-qemu", help="move VMs to a new QEMU process, no reboot")
+    u.add_argument("--binary", help="the new QEMU (default: each VM's own, as on disk now)")
+    u.add_argument("vms", nargs="*", metavar="VM", help="VMs to move (default: all)")
     k = sub.add_parser("kexec", help="load a kernel, prepare, commit, then kexec")
     k.add_argument("--kernel")
     k.add_argument("--initrd")
     group = k.add_mutually_exclusive_group()
     group.add_argument("--append")
     group.add_argument("--reuse-cmdline", action="store_true")
-    sub.add_parser("guard-stop", help=argparse.SUPPRESS)
+    sub.add_parser("guard-stop")  # ExecStop of cprd-kexec-guard.service
     return p
 
 
@@ -323,11 +340,25 @@ async def _run(args: argparse.Namespace) -> int:
             return await prepare(client, args.commit)
         if args.command in ("commit", "resume", "restore"):
             body = await client.call(args.command.capitalize(), timeout=LONG_CALL)
-            for name, outcome in sorted(plain(body[0]).items() if body else []):
+            outcomes = plain(body[0]) if body else {}
+            for name, outcome in sorted(outcomes.items()):
                 print(f"{name}: {outcome}")
+            if args.command == "restore" and any(
+                not o.startswith("restored") for o in outcomes.values()
+            ):
+                return EXIT_FAILED
             return EXIT_OK
         if args.command == "kexec":
             return await kexec(client, args)
+        if args.command == "upgrade-qemu":
+            options = {"binary": Variant("s", os.path.abspath(args.binary))} if args.binary else {}
+            body = await client.call(
+                "UpgradeQemu", "asa{sv}", [args.vms, options], timeout=LONG_CALL
+            )
+            results = plain(body[0])
+            for name, outcome in sorted(results.items()):
+                print(f"{name}: {outcome}")
+            return EXIT_FAILED if any(o.startswith("failed") for o in results.values()) else 0
         return await guard_stop(client)
     finally:
         client.bus.disconnect()

@@ -11,6 +11,7 @@ Tree::
      +-- ConfigError          bad /etc/cprd/cprd.yaml
      +-- TransportError       QMP or guest-agent socket trouble
      |    +-- QMPError        QEMU refused a command or the connection broke
+     |    |    +-- MonitorBusyError  another client holds that QMP socket
      |    +-- AgentError      guest agent absent, silent or refusing
      +-- PreflightError       a prepare was refused before anything was stopped
      +-- SaveError            a save failed; every VM was put back
@@ -21,6 +22,8 @@ Tree::
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class CprdError(Exception):
@@ -50,6 +53,10 @@ class QMPError(TransportError):
     dbus_name = "QMP"
 
 
+class MonitorBusyError(QMPError):
+    """A QEMU answers on the socket but sends no greeting: another client holds it."""
+
+
 class AgentError(TransportError):
     dbus_name = "GuestAgent"
 
@@ -70,11 +77,20 @@ class SaveError(CprdError):
 
     dbus_name = "SaveFailed"
 
-    def __init__(self, reason: str, outcomes: dict[str, str]) -> None:
+    def __init__(self, reason: str, outcomes: dict[str, str], pending: Sequence[str] = ()) -> None:
         self.reason = reason
         self.outcomes = dict(outcomes)
+        #: VMs that could not be put back and are kept in the manifest for a resume.
+        self.pending = tuple(pending)
         detail = "; ".join(f"{vm}: {what}" for vm, what in sorted(self.outcomes.items()))
-        super().__init__(f"save failed ({reason}); every VM was put back: {detail}")
+        if self.pending:
+            super().__init__(
+                f"save failed ({reason}); not every VM could be put back "
+                f"({', '.join(sorted(self.pending))} kept in the manifest): {detail}",
+                "run `cprd resume` (or `cprdctl resume`) once they answer",
+            )
+        else:
+            super().__init__(f"save failed ({reason}); every VM was put back: {detail}")
 
 
 class StateError(CprdError):

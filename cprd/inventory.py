@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cprd.agent import Agent
 from cprd.config import Config
-from cprd.errors import CprdError, QMPError
+from cprd.errors import CprdError, MonitorBusyError, QMPError
 from cprd.qmp import Event, QMPConnection
 from cprd.vm import VMFacts, inspect
 
@@ -54,6 +54,7 @@ class _Retry:
     attempts: int = 0
     next_at: float = 0.0
     last_error: str = ""
+    busy: bool = False  # a live QEMU whose monitor another client holds
 
 
 @dataclass
@@ -91,7 +92,8 @@ class Inventory:
         """One pass: connect new sockets, drop dead ones, refresh changed facts."""
         present = set(self.sockets()) - self.exclude
         for path, handle in list(self.handles.items()):
-            if handle.conn.closed.is_set() or path not in present:
+            gone = path not in present and path not in self.exclude
+            if handle.conn.closed.is_set() or gone:
                 await self._drop(path, "QEMU went away" if path in present else "socket removed")
         now = time.monotonic()
         new = [
@@ -103,14 +105,21 @@ class Inventory:
         for path in list(self._retry):
             if path not in present:
                 del self._retry[path]
-        dirty = [h for h in self.handles.values() if h.dirty]
-        await asyncio.gather(*(self.refresh(h) for h in dirty))
+        dirty = [h for h in self.handles.values() if h.dirty and not h.conn.closed.is_set()]
+        results = await asyncio.gather(*(self.refresh(h) for h in dirty), return_exceptions=True)
+        for handle, result in zip(dirty, results, strict=True):
+            if isinstance(result, CprdError | OSError):
+                # Its QEMU may have just gone away: the next scan drops or retries it.
+                handle.dirty = True
+                logger.debug("refresh of %s failed: %s", handle.name, result)
+            elif isinstance(result, BaseException):
+                raise result
 
     async def _connect(self, path: Path) -> None:
         try:
             conn = await QMPConnection.open(path, timeout=5.0)
         except QMPError as err:
-            self._backoff(path, str(err))
+            self._backoff(path, str(err), busy=isinstance(err, MonitorBusyError))
             return
         try:
             facts = await self._inspect(conn)
@@ -134,8 +143,14 @@ class Inventory:
         )
         self._changed(handle, "added")
 
-    def _backoff(self, path: Path, error: str) -> None:
+    def unreachable(self) -> dict[Path, str]:
+        """Sockets the globs match whose QEMU lives but whose monitor another client holds:
+        VMs cprd cannot save (a stale socket of a dead QEMU is not listed)."""
+        return {p: r.last_error for p, r in self._retry.items() if r.busy}
+
+    def _backoff(self, path: Path, error: str, busy: bool = False) -> None:
         retry = self._retry.setdefault(path, _Retry())
+        retry.busy = busy
         retry.attempts += 1
         delay = min(BACKOFF_MAX, 0.5 * 2 ** (retry.attempts - 1))
         retry.next_at = time.monotonic() + delay

@@ -21,7 +21,6 @@ from cprd import manifest as mf
 from cprd.config import Config
 from cprd.config import Launcher as LauncherKind
 from cprd.errors import LaunchError
-from cprd.manifest import VMRecord
 
 
 class Launcher:
@@ -33,7 +32,8 @@ class Launcher:
         popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
         unit: str = ""
 
-    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
+    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
+        """Start QEMU ``executable`` with ``argv`` (a list, never a shell) for VM ``name``."""
         raise NotImplementedError
 
     async def alive(self, process: Launcher.Process) -> bool:
@@ -59,15 +59,15 @@ class DirectLauncher(Launcher):
         self.log_dir = log_dir
         self.children: list[subprocess.Popen[bytes]] = []
 
-    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
-        log = self.log_dir / f"{mf.safe_file_name(rec.name)}.log"
+    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
+        log = self.log_dir / f"{mf.safe_file_name(name)}.log"
         fd = os.open(
             log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
         try:
             popen = subprocess.Popen(
                 argv,
-                executable=rec.executable,
+                executable=executable,
                 stdin=subprocess.DEVNULL,
                 stdout=fd,
                 stderr=fd,
@@ -76,11 +76,11 @@ class DirectLauncher(Launcher):
                 cwd="/",
             )
         except OSError as err:
-            raise LaunchError(f"{rec.name}: cannot start {rec.executable}: {err.strerror}") from err
+            raise LaunchError(f"{name}: cannot start {executable}: {err.strerror}") from err
         finally:
             os.close(fd)
         self.children.append(popen)
-        return Launcher.Process(rec.name, popen.pid, log, popen)
+        return Launcher.Process(name, popen.pid, log, popen)
 
     async def alive(self, process: Launcher.Process) -> bool:
         return process.popen is None or process.popen.poll() is None
@@ -136,18 +136,18 @@ class SystemdLauncher(Launcher):
     def unit_name(name: str) -> str:
         return f"cprd-vm-{mf.safe_file_name(name)}.service"
 
-    async def launch(self, rec: VMRecord, argv: list[str]) -> Launcher.Process:
+    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
         from dbus_fast import Variant
 
-        unit = self.unit_name(rec.name)
+        unit = self.unit_name(name)
         props = [
-            ["Description", Variant("s", f"QEMU VM {rec.name} (restored by cprd)")],
-            ["ExecStart", Variant("a(sasb)", [[rec.executable, argv, False]])],
+            ["Description", Variant("s", f"QEMU VM {name} (restored by cprd)")],
+            ["ExecStart", Variant("a(sasb)", [[executable, argv, False]])],
             ["KillMode", Variant("s", "mixed")],
             ["CollectMode", Variant("s", "inactive-or-failed")],
         ]
         await self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
-        return Launcher.Process(rec.name, 0, None, None, unit)
+        return Launcher.Process(name, 0, None, None, unit)
 
     async def alive(self, process: Launcher.Process) -> bool:
         return True  # a QEMU that dies is noticed by its QMP socket never answering

@@ -15,6 +15,7 @@ from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
+TRANSFER_VERSION = (10, 0, 0)
 MAPPED_RAM_VERSION = (9, 0, 0)
 DIRECT_IO_VERSION = (9, 1, 0)
 #: The default max-bandwidth (128 MiB/s) throttles a save to file about tenfold.
@@ -205,3 +206,25 @@ def duplicate_names(facts: Iterable[VMFacts]) -> dict[str, str]:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def transfer_path(facts: VMFacts, new_version: tuple[int, int, int]) -> tuple[bool, str]:
+    """Whether a QEMU-only upgrade can move this VM with cpr-transfer, and why (pure).
+
+    cpr-transfer hands the guest RAM itself to the new process, so every backend must be
+    shareable (memfd, or a file with share=on) and the machine must have aux-ram-share
+    on for QEMU's own auxiliary RAM.  Otherwise: cpr-reboot to a file and an immediate
+    restore with the new binary.
+    """
+    if facts.qemu_version < TRANSFER_VERSION or new_version < TRANSFER_VERSION:
+        old = facts.version_str
+        new = ".".join(map(str, new_version))
+        return False, f"cpr-transfer needs QEMU 10.0 on both sides (running {old}, new {new})"
+    private = [b.id for b in facts.backends if not b.share]
+    if private:
+        return False, f"RAM not shareable ({', '.join(private)}): saved to a file instead"
+    if not facts.aux_ram_share:
+        return False, "-machine aux-ram-share=on is not set: saved to a file instead"
+    if facts.vfio_devices:
+        return False, "VFIO devices: saved to a file (suspended) instead"
+    return True, "all RAM shareable and aux-ram-share=on: cpr-transfer"

@@ -21,7 +21,7 @@ from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError as _LibQMPError
 from qemu.qmp.message import Message
 
-from cprd.errors import QMPError
+from cprd.errors import MonitorBusyError, QMPError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class QMPConnection:
             await asyncio.wait_for(self._client.connect(sock), timeout)
         except TimeoutError as err:
             sock.close()
-            raise QMPError(
+            raise MonitorBusyError(
                 f"{self.path}: no QMP greeting within {timeout:g}s",
                 "is another client connected to this monitor? give cprd a -qmp socket of its own",
             ) from err

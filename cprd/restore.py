@@ -187,7 +187,7 @@ class Restorer:
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)
-        process = await self.launcher.launch(rec, argv)
+        process = await self.launcher.launch(rec.name, rec.executable, argv)
         conn: QMPConnection | None = None
         try:
             conn = await self._connect(rec, process)

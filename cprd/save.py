@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 #: name, phase, bytes done, bytes total
 ProgressCallback = Callable[[str, str, int, int], None]
 POLL = 0.05
+POLL_FIRST = 0.002
 
 
 @dataclass
@@ -48,6 +49,9 @@ class _Work:
     suspended: bool = False
     migrating: bool = False
     saved: bool = False
+    #: could not be put back although its QEMU lives (e.g. stopped, not answering):
+    #: kept in the manifest so that ``cprd resume`` finishes the job later.
+    stuck: bool = False
     seconds: float = 0.0
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
@@ -88,10 +92,14 @@ class Saver:
             await conn.execute("migrate-set-parameters", {"mode": before})
         return tuple(str(r) for r in info.get("blocked-reasons", []))
 
-    async def plan(self) -> tuple[list[tuple[VMHandle, VMPlan]], dict[str, str]]:
-        """Fresh facts and a plan per VM; changes nothing.  Returns (plans, problems)."""
+    async def plan(
+        self, only: set[str] | None = None
+    ) -> tuple[list[tuple[VMHandle, VMPlan]], dict[str, str]]:
+        """Fresh facts and a plan per VM (or per VM named in ``only``); changes nothing.
+
+        Returns (plans, problems)."""
         await self.inventory.scan()
-        handles = self.inventory.vms()
+        handles = [h for h in self.inventory.vms() if only is None or h.name in only]
         fstype = state_fstype(self.config.state_dir)
         plans: list[tuple[VMHandle, VMPlan]] = []
         problems: dict[str, str] = {}
@@ -111,6 +119,12 @@ class Saver:
 
         await asyncio.gather(*(one(h) for h in handles))
         plans.sort(key=lambda hp: hp[1].name)
+        if only is None:
+            for path, error in self.inventory.unreachable().items():
+                problems[str(path)] = (
+                    f"a QEMU serves this socket but cprd cannot use it ({error}); "
+                    "it would not be saved (is cprd.service running?)"
+                )
         problems.update(duplicate_names(h.facts for h, _ in plans))
         free = _free_bytes(self.config.state_dir)
         space = space_problem(
@@ -128,8 +142,9 @@ class Saver:
         except CprdError:
             return None if not self.manifest_path.exists() else Phase.PREPARING
 
-    async def prepare(self) -> Manifest:
-        """Save every VM; on any failure put every VM back and raise SaveError."""
+    async def prepare(self, only: set[str] | None = None) -> Manifest:
+        """Save every VM (or those named in ``only``); on any failure put every VM back
+        and raise SaveError."""
         phase = self._existing_phase()
         if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTED):
             raise StateError(
@@ -138,7 +153,7 @@ class Saver:
                 "resume or restore it first",
             )
         mf.ensure_state_dir(self.config.state_dir)
-        plans, problems = await self.plan()
+        plans, problems = await self.plan(only)
         if problems:
             raise PreflightError(problems, "fix the VMs named, or run `cprdctl check`")
         if not plans:
@@ -180,8 +195,9 @@ class Saver:
             reason = "; ".join(f"{w.plan.name}: {w.error}" for w in failed) or str(err)
         if reason:
             outcomes = await self._rollback(work, reason)
-            mf.remove(self.manifest_path)
-            raise SaveError(reason, outcomes)
+            stuck = [w for w in work if w.stuck]
+            self._keep_stuck(manifest, [w.record for w in stuck])
+            raise SaveError(reason, outcomes, pending=[w.plan.name for w in stuck])
 
         manifest = manifest.replace(phase=Phase.PREPARED, vms=tuple(w.record for w in work))
         mf.write(self.manifest_path, manifest)
@@ -291,6 +307,7 @@ class Saver:
         w.migrating = True
         start = time.monotonic()
         await conn.execute("migrate", {"uri": f"file:{path}"})
+        poll = POLL_FIRST
         while True:
             info = await conn.execute("query-migrate")
             status = info.get("status", "none")
@@ -305,7 +322,9 @@ class Saver:
                 int(ram.get("transferred", 0)),
                 int(ram.get("total", 0)) or w.plan.bytes_to_write,
             )
-            await asyncio.sleep(POLL)
+            # An in-place save takes QEMU a few ms: look again soon, then back off.
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, POLL)
         w.migrating = False
         size = mf.fsync_file(path)
         mf.fsync_dir(path.parent)
@@ -376,10 +395,20 @@ class Saver:
             return f"resumed ({final})"
         except (CprdError, OSError) as err:
             emit(logger, logging.ERROR, Event.FAILURE, "could not put back: %s", err, vm=name)
+            if _alive(w.record.pid):
+                # Its QEMU lives on (stopped, hung): commands it has not read yet, a
+                # `migrate` among them, still run once it continues.  Keep it in the
+                # manifest so that `cprd resume` puts it back then.
+                w.stuck = True
+                return (
+                    f"could not resume: {err}; its QEMU (pid {w.record.pid}) lives on: "
+                    "kept in the manifest, run `cprd resume` once it answers"
+                )
             return f"could not resume: {err}"
         finally:
-            with contextlib.suppress(OSError):
-                os.unlink(w.record.state_file)
+            if not w.stuck:
+                with contextlib.suppress(OSError):
+                    os.unlink(w.record.state_file)
 
     async def _reload(self, w: _Work) -> str:
         """Bring back a VM saved while suspended by restoring it from its state file.
@@ -393,7 +422,8 @@ class Saver:
             await w.handle.conn.execute("quit")
         if not await wait_exit(w.record.pid, 30):
             raise CprdError(f"QEMU pid {w.record.pid} did not quit")
-        return await Restorer(self.config, launcher=self.launcher).restore_vm(w.record)
+        async with asyncio.timeout(self.config.restore.timeout_s):
+            return await Restorer(self.config, launcher=self.launcher).restore_vm(w.record)
 
     async def _rollback(self, work: list[_Work], reason: str) -> dict[str, str]:
         emit(
@@ -411,8 +441,9 @@ class Saver:
         for w in work:
             if w not in touched:
                 outcomes[w.plan.name] = "untouched, still " + w.handle.facts.runstate
-            with contextlib.suppress(OSError):
-                os.unlink(w.record.state_file)
+            if not w.stuck:
+                with contextlib.suppress(OSError):
+                    os.unlink(w.record.state_file)
         for w in work:
             if w.error and w.plan.name in outcomes:
                 outcomes[w.plan.name] = f"failed ({w.error}); {outcomes[w.plan.name]}"
@@ -427,17 +458,33 @@ class Saver:
         by_socket = {str(h.conn.path): h for h in self.inventory.vms()}
         work = []
         outcomes: dict[str, str] = {}
+        unreachable: list[VMRecord] = []
         for rec in manifest.vms:
             handle = by_socket.get(rec.qmp_socket)
             if handle is None or handle.conn.pid != rec.pid:
-                outcomes[rec.name] = "not connected: its QEMU is gone or was replaced"
+                if _alive(rec.pid) and handle is None:
+                    unreachable.append(rec)
+                    outcomes[rec.name] = (
+                        f"its QEMU (pid {rec.pid}) lives but its monitor cannot be reached "
+                        "(is cprd.service running? use cprdctl resume): kept in the manifest"
+                    )
+                else:
+                    outcomes[rec.name] = "not connected: its QEMU is gone or was replaced"
                 continue
             plan = VMPlan(rec.name, rec.cprd_suspended, bool(rec.in_place), rec.settings, 0)
             work.append(_Work(handle, plan, rec, suspended=rec.cprd_suspended, saved=True))
         results = await asyncio.gather(*(self._put_back(w) for w in work))
         outcomes.update({w.plan.name: r for w, r in zip(work, results, strict=True)})
-        mf.remove(self.manifest_path)
+        self._keep_stuck(manifest, [w.record for w in work if w.stuck] + unreachable)
         return outcomes
+
+    def _keep_stuck(self, manifest: Manifest, stuck: list[VMRecord]) -> None:
+        """Remove the manifest, or keep in it (phase preparing) the VMs not put back."""
+        if not stuck:
+            mf.remove(self.manifest_path)
+            return
+        kept = manifest.replace(phase=Phase.PREPARING, vms=tuple(stuck))
+        mf.write(self.manifest_path, kept)
 
     # --- commit -------------------------------------------------------------------------
 
@@ -498,6 +545,14 @@ async def wait_exit(pid: int, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _free_bytes(path: Path) -> int:

@@ -123,6 +123,22 @@ class Manager(ServiceInterface):
         return vardict(await dbus_errors(self.controller.restore()))
 
     @dbus_method()
+    async def UpgradeQemu(
+        self, names: Annotated[list[str], DBusSignature("as")], options: VarDict
+    ) -> VarDict:
+        async def run() -> dict[str, str]:
+            opts = {k: unvariant(v) for k, v in options.items()}
+            unknown = sorted(set(opts) - {"binary"})
+            if unknown:
+                raise InvalidArgument(f"unknown option {unknown[0]!r} (known: binary)")
+            binary = opts.get("binary")
+            if binary is not None and (not isinstance(binary, str) or not binary.startswith("/")):
+                raise InvalidArgument("option 'binary': expected an absolute path")
+            return await self.controller.upgrade(list(names), binary)
+
+        return vardict(await dbus_errors(run()))
+
+    @dbus_method()
     async def GetManifest(self) -> DBusStr:
         async def text() -> str:
             return self.controller.manifest_text()
@@ -198,6 +214,7 @@ class BusGlue:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.inhibitor: int | None = None
         self.logind_owner: str | None = None
+        self._metadata = asyncio.Event()
 
     async def _call(
         self,
@@ -241,14 +258,15 @@ class BusGlue:
         await self._driver(
             "AddMatch", "s", [f"type='signal',interface='{IFACE}',member='PrepareKexec'"]
         )
-        await self._driver(
-            "AddMatch",
-            "s",
-            [
-                f"type='signal',sender='{LOGIND}',interface='org.freedesktop.login1.Manager',"
-                "member='PrepareForShutdownWithMetadata'"
-            ],
-        )
+        for member in ("PrepareForShutdownWithMetadata", "PrepareForShutdown"):
+            await self._driver(
+                "AddMatch",
+                "s",
+                [
+                    f"type='signal',sender='{LOGIND}',interface='org.freedesktop.login1.Manager',"
+                    f"member='{member}'"
+                ],
+            )
         await self.take_inhibitor()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -292,7 +310,25 @@ class BusGlue:
             os.close(self.inhibitor)
             self.inhibitor = None
 
+    async def _on_plain_shutdown(self, start: bool) -> None:
+        """logind before systemd 255 sends only PrepareForShutdown (no type): cprd cannot
+        tell a kexec from a power-off, so it lets the shutdown go on at once and leaves a
+        kexec to cprd-kexec-guard.service.  Newer logind sends both signals."""
+        if not start:
+            self._metadata.clear()
+            await self.take_inhibitor()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._metadata.wait(), 2)
+            return
+        logger.info(
+            "logind sent no PrepareForShutdownWithMetadata (systemd < 255): "
+            "releasing the delay lock; cprd-kexec-guard.service covers a kexec"
+        )
+        self.release_inhibitor()
+
     async def _on_logind(self, start: bool, metadata: Mapping[str, Any]) -> None:
+        self._metadata.set()
         kind = str(unvariant(metadata.get("type", "")))
         if not start:  # the shutdown was cancelled
             await self.take_inhibitor()
@@ -336,6 +372,13 @@ class BusGlue:
                 )
                 return False
             self._spawn(self._on_logind(bool(msg.body[0]), msg.body[1]))
+        elif (
+            msg.member == "PrepareForShutdown"
+            and msg.signature == "b"
+            and msg.interface == "org.freedesktop.login1.Manager"
+            and msg.sender == self.logind_owner
+        ):
+            self._spawn(self._on_plain_shutdown(bool(msg.body[0])))
         return False
 
 

@@ -72,6 +72,7 @@ class VMFacts:
     migration_blockers: tuple[str, ...]
     agent_socket: str | None = None
     agent_reachable: bool = False
+    aux_ram_share: bool = False  # -machine aux-ram-share=on (needed by cpr-transfer)
 
     @property
     def ram_bytes(self) -> int:
@@ -219,7 +220,11 @@ async def memory_backends(conn: QMPConnection, pid: int) -> tuple[Backend, ...]:
 
 
 def vm_name(argv: tuple[str, ...], socket_path: Path) -> str:
-    """QEMU's ``-name`` (its ``guest=`` or first field), else the socket's file name."""
+    """QEMU's ``-name`` (its ``guest=`` or first field), else the socket's file name.
+
+    QEMU merges repeated ``-name`` options, a later one overriding: so does this.
+    """
+    name = None
     for i, arg in enumerate(argv):
         value = None
         if arg in ("-name", "--name") and i + 1 < len(argv):
@@ -227,13 +232,13 @@ def vm_name(argv: tuple[str, ...], socket_path: Path) -> str:
         elif arg.startswith(("-name=", "--name=")):
             value = arg.split("=", 1)[1]
         if value is not None:
-            for part in value.split(","):
-                if part.startswith("guest="):
-                    return part[6:]
             first = value.split(",", 1)[0]
             if first and "=" not in first:
-                return first
-    return socket_path.stem
+                name = first
+            for part in value.split(","):
+                if part.startswith("guest="):
+                    name = part[6:]
+    return name if name is not None else socket_path.stem
 
 
 async def inspect(
@@ -246,6 +251,10 @@ async def inspect(
     current = await conn.execute("query-current-machine")
     caps = await conn.execute("query-migrate-capabilities")
     migrate = await conn.execute("query-migrate")
+    try:
+        aux = await conn.execute("qom-get", {"path": "/machine", "property": "aux-ram-share"})
+    except QMPError:  # QEMU before 10.0
+        aux = False
     return VMFacts(
         name=vm_name(argv, conn.path),
         qmp_socket=str(conn.path),
@@ -262,4 +271,5 @@ async def inspect(
         migration_blockers=tuple(str(r) for r in migrate.get("blocked-reasons", [])),
         agent_socket=str(agent_socket) if agent_socket else None,
         agent_reachable=agent_reachable,
+        aux_ram_share=bool(aux),
     )

@@ -177,3 +177,4 @@ def guests(guest_image: tuple[Path, Path], vm_dir_root: Path) -> Iterator[GuestF
 # D-Bus and journald: a private dbus-daemon with the project's own policy, a real
 # systemd-journald (tests/fixtures_bus.py).
 from fixtures_bus import cprd_accounts, dbus_daemon, journald  # noqa: E402, F401
+from fixtures_daemon import daemon  # noqa: E402, F401

@@ -12,10 +12,8 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,82 +23,12 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 from fixtures_bus import BusDaemon, CprdAccounts, Journald
+from fixtures_daemon import Daemon, start_daemon, stop_daemon
 from harness import GuestFactory, GuestSpec, GuestVM, Memory
-from test_cycle import make_config
 
 from cprd.log import Event
 
 pytestmark = pytest.mark.qemu
-
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    log: Path
-    bus: str
-    config: Path
-
-    def ctl(
-        self, *args: str, user: tuple[int, int, list[int]] | None = None, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        kw: dict[str, Any] = {}
-        if user is not None:
-            kw.update(user=user[0], group=user[1], extra_groups=user[2])
-        return subprocess.run(
-            [str(BIN / "cprdctl"), "--bus", self.bus, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            **kw,
-        )
-
-    def wait_state(self, state: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            out = self.ctl("status", "--json")
-            if out.returncode == 0 and json.loads(out.stdout)["state"] == state:
-                return
-            assert time.monotonic() < deadline, (out.stdout, out.stderr, self.log.read_text())
-            time.sleep(0.2)
-
-
-def start_daemon(bus: BusDaemon, root: Path, env: dict[str, str] | None = None) -> Daemon:
-    """The real daemon, as root, on the private bus; logging to journald when it runs."""
-    cfg = root / "cprd.yaml"
-    make_config(root)
-    log = root / "daemon.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "cprd"), "--config", str(cfg), "--bus", bus.address],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, **(env or {})},
-        )
-    return Daemon(proc, log, bus.address, cfg)
-
-
-def stop_daemon(d: Daemon) -> None:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-    # SIGTERM exits cleanly, leaving the VMs as they are.
-    assert d.proc.wait(timeout=30) == 0, d.log.read_text()
-
-
-@pytest.fixture
-def daemon(dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald) -> Iterator[Daemon]:
-    d = start_daemon(dbus_daemon, vm_dir_root)
-    try:
-        deadline = time.monotonic() + 20
-        while d.ctl("status", "--json").returncode != 0:
-            assert d.proc.poll() is None, d.log.read_text()
-            assert time.monotonic() < deadline, d.log.read_text()
-            time.sleep(0.2)
-        yield d
-    finally:
-        stop_daemon(d)
 
 
 def running(vms: list[GuestVM]) -> dict[str, str]:
@@ -138,7 +66,9 @@ def test_cprdctl_cycle_over_the_bus(
     check = daemon.ctl("check")
     assert check.returncode == 0 and check.stdout.splitlines() == [
         "db: save (RAM in place): ok",
+        "  QEMU-only upgrade: file (-machine aux-ram-share=on is not set: saved to a file instead)",
         "web: save (RAM copied): ok",
+        "  QEMU-only upgrade: file (RAM not shareable (pc.ram): saved to a file instead)",
     ]
 
     member = (cprd_accounts.member_uid, cprd_accounts.member_gid, cprd_accounts.member_groups)
@@ -204,20 +134,44 @@ async def _connect(address: str) -> MessageBus:
     )
 
 
-async def test_logind_kexec_signal_prepares_and_commits(
+@dataclass
+class StandInLogind:
+    """A stand-in logind: systemd 252 here predates PrepareForShutdownWithMetadata, and
+    logind cannot run without systemd as PID 1.  It hands out a delay lock (a pipe's
+    write end, as logind does with a FIFO) and sends the shutdown signals."""
+
+    bus: MessageBus
+    lock_read: int
+    daemon: Daemon
+
+    def send(self, member: str, signature: str, body: list[Any]) -> None:
+        self.bus.send(
+            Message.new_signal(
+                "/org/freedesktop/login1", "org.freedesktop.login1.Manager", member, signature, body
+            )
+        )
+
+    async def lock_released(self) -> bool:
+        """True once every copy of the lock's write end is closed."""
+        loop = asyncio.get_running_loop()
+        data = await asyncio.wait_for(loop.run_in_executor(None, os.read, self.lock_read, 1), 30)
+        return data == b""
+
+
+@pytest.fixture
+async def logind(
     guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald
-) -> None:
-    """A stand-in logind (systemd 252 here predates PrepareForShutdownWithMetadata)."""
+) -> AsyncIterator[tuple[StandInLogind, GuestVM]]:
     (vm,) = guests(GuestSpec("k"))
     login1 = await _connect(dbus_daemon.address)
-    inhibit_read, inhibit_write = os.pipe()
+    lock_read, lock_write = os.pipe()
     inhibited = asyncio.Event()
 
     def handler(msg: Message) -> Message | None:
         if msg.member == "Inhibit" and msg.interface == "org.freedesktop.login1.Manager":
             assert msg.body == ["shutdown", "cprd", "save every VM before a kexec", "delay"]
             inhibited.set()
-            return Message.new_method_return(msg, "h", [0], unix_fds=[inhibit_write])
+            return Message.new_method_return(msg, "h", [0], unix_fds=[lock_write])
         return None
 
     login1.add_message_handler(handler)
@@ -225,8 +179,7 @@ async def test_logind_kexec_signal_prepares_and_commits(
     d = start_daemon(dbus_daemon, vm_dir_root)
     try:
         await asyncio.wait_for(inhibited.wait(), 20)
-        os.close(inhibit_write)  # the daemon holds the only write end now
-        # Wait until the daemon holds the VM, then announce a kexec.
+        os.close(lock_write)  # the daemon holds the only write end now
         held = await asyncio.to_thread(
             journald.entries,
             CPRD_VM="k",
@@ -234,28 +187,41 @@ async def test_logind_kexec_signal_prepares_and_commits(
             timeout=20,
         )
         assert any("holding" in e["MESSAGE"] for e in held)
-        login1.send(
-            Message.new_signal(
-                "/org/freedesktop/login1",
-                "org.freedesktop.login1.Manager",
-                "PrepareForShutdownWithMetadata",
-                "ba{sv}",
-                [True, {"type": Variant("s", "kexec")}],
-            )
-        )
-        vm.released()
-        await asyncio.to_thread(vm.wait_exit, 60)
-        # The delay lock is released: the pipe's write end is closed everywhere.
-        loop = asyncio.get_running_loop()
-        assert (
-            await asyncio.wait_for(loop.run_in_executor(None, os.read, inhibit_read, 1), 30) == b""
-        )
-        committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
-        assert committed[0]["CPRD_PHASE"] == "committed"
+        yield StandInLogind(login1, lock_read, d), vm
     finally:
-        os.close(inhibit_read)
+        os.close(lock_read)
         stop_daemon(d)
         login1.disconnect()
+
+
+async def test_logind_kexec_signal_prepares_and_commits(
+    logind: tuple[StandInLogind, GuestVM], journald: Journald
+) -> None:
+    login1, vm = logind
+    login1.send("PrepareForShutdown", "b", [True])
+    login1.send("PrepareForShutdownWithMetadata", "ba{sv}", [True, {"type": Variant("s", "kexec")}])
+    vm.released()
+    await asyncio.to_thread(vm.wait_exit, 60)
+    assert await login1.lock_released()
+    committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
+    assert committed[0]["CPRD_PHASE"] == "committed"
+
+
+async def test_old_logind_gets_its_lock_back_at_once(
+    logind: tuple[StandInLogind, GuestVM], journald: Journald
+) -> None:
+    """systemd < 255 sends only PrepareForShutdown: no kexec type, so the daemon must not
+    hold every shutdown for InhibitDelayMaxSec; the VMs are left alone."""
+    login1, vm = logind
+    login1.send("PrepareForShutdown", "b", [True])
+    assert await login1.lock_released()
+    assert vm.runstate() == "running"
+    released = journald.entries(
+        MESSAGE="logind sent no PrepareForShutdownWithMetadata "
+        "(systemd < 255): releasing the delay lock; "
+        "cprd-kexec-guard.service covers a kexec"
+    )
+    assert len(released) == 1
 
 
 async def _call(bus: MessageBus, member: str, sig: str, body: list[Any]) -> Message:
@@ -394,3 +360,26 @@ def test_sd_notify(guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Pa
     finally:
         stop_daemon(d)
         sock.close()
+
+
+def test_one_shot_commands_refuse_while_the_daemon_holds_the_monitors(
+    guests: GuestFactory, daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A VM cprd cannot reach would not be saved: preflight refuses instead of skipping it."""
+    from cprd import cli
+
+    (vm,) = guests(GuestSpec("held"))
+    daemon.wait_state("idle")
+    deadline = time.monotonic() + 20
+    while len(json.loads(daemon.ctl("status", "--json").stdout)["vms"]) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    capsys.readouterr()
+    assert cli.main(["--config", str(daemon.config), "check"]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{vm.qmp_path}: a QEMU serves this socket but cprd cannot use it (")
+    assert line.endswith("it would not be saved (is cprd.service running?)")
+    assert cli.main(["--config", str(daemon.config), "prepare"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"cprd: preflight failed, nothing was stopped: {vm.qmp_path}: ")
+    assert vm.runstate() == "running"

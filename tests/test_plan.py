@@ -270,3 +270,24 @@ async def test_vfio_detection_on_recorded_replies() -> None:
         "must be suspended first (has VFIO devices (hostdev0 (vfio-pci), device[0] "
         "(vfio-pci-nohotplug))) but no guest agent is configured",
     )
+
+
+def test_transfer_path() -> None:
+    memfd = facts(backends=(MEMFD,), aux_ram_share=True)
+    assert plan.transfer_path(memfd, (10, 0, 2)) == (
+        True,
+        "all RAM shareable and aux-ram-share=on: cpr-transfer",
+    )
+    assert plan.transfer_path(facts(backends=(DISK_FILE,), aux_ram_share=True), (10, 1, 0))[0]
+    assert plan.transfer_path(memfd, (9, 2, 0)) == (
+        False,
+        "cpr-transfer needs QEMU 10.0 on both sides (running 10.0.2, new 9.2.0)",
+    )
+    assert plan.transfer_path(facts(aux_ram_share=True), (10, 0, 2)) == (
+        False,
+        "RAM not shareable (pc.ram): saved to a file instead",
+    )
+    assert plan.transfer_path(facts(backends=(MEMFD,)), (10, 0, 2)) == (
+        False,
+        "-machine aux-ram-share=on is not set: saved to a file instead",
+    )

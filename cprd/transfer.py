@@ -1,0 +1,335 @@
+"""QEMU-only upgrades without a reboot: move each VM into a new QEMU process.
+
+VMs whose RAM is all shareable (memfd, or a file with share=on) on a machine with
+``aux-ram-share=on`` move with **cpr-transfer**: the new QEMU starts with the VM's
+recorded argv plus a ``cpr`` incoming channel, the old one ``migrate``s over the main
+and cpr channels (in that order: the new QEMU reads the cpr channel before its
+monitor), the new one ``migrate-incoming``s, and nothing is written to disk.  The others
+take cpr-reboot to a file and an immediate restore with the new binary.
+
+Until the new QEMU runs, the old one is untouched or put back: a failed switch-over
+leaves the VM in its old process and the new process gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cprd import manifest as mf
+from cprd.config import Config
+from cprd.errors import CprdError, LaunchError, QMPError
+from cprd.inventory import Inventory, VMHandle
+from cprd.launch import Launcher, make_launcher
+from cprd.log import Event, emit
+from cprd.plan import transfer_path
+from cprd.qmp import QMPConnection
+from cprd.restore import Restorer, relaunch_argv
+from cprd.save import Saver, wait_exit
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, str, int, int], None]
+_VERSION = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
+
+
+def qemu_version(executable: str) -> tuple[int, int, int]:
+    """The version of a QEMU binary on disk (``--version``; argv as a list)."""
+    try:
+        out = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except OSError as err:
+        raise LaunchError(f"cannot run {executable}: {err.strerror}") from err
+    match = _VERSION.search(out.stdout)
+    if out.returncode != 0 or match is None:
+        raise LaunchError(f"{executable} --version did not say its version")
+    major, minor, micro = (int(g) for g in match.groups())
+    return major, minor, micro
+
+
+def transfer_argv(argv: tuple[str, ...], machine_type: str, cpr_socket: Path) -> list[str]:
+    """The VM's argv for the new process: pinned machine, cpr channel, -incoming defer."""
+    base = relaunch_argv(argv, machine_type)[:-2]  # without its "-incoming defer"
+    channel = {
+        "channel-type": "cpr",
+        "addr": {"transport": "socket", "type": "unix", "path": str(cpr_socket)},
+    }
+    return [*base, "-incoming", json.dumps(channel), "-incoming", "defer"]
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+class Upgrader:
+    def __init__(
+        self,
+        config: Config,
+        inventory: Inventory,
+        launcher: Launcher | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.launcher = launcher or make_launcher(config)
+        self.progress = progress or (lambda *_: None)
+        #: per VM: seconds from `migrate` on the old QEMU to the new one running
+        self.blackout: dict[str, float] = {}
+
+    async def paths(
+        self, names: list[str] | None, binary: str | None
+    ) -> list[tuple[VMHandle, str, bool, str]]:
+        """Per VM: (handle, new executable, cpr-transfer?, why)."""
+        await self.inventory.scan()
+        handles = self.inventory.vms()
+        if names:
+            known = {h.name for h in handles}
+            unknown = sorted(set(names) - known)
+            if unknown:
+                raise CprdError(f"no VM named {', '.join(map(repr, unknown))}")
+            handles = [h for h in handles if h.name in names]
+        versions: dict[str, tuple[int, int, int]] = {}
+        out = []
+        for handle in handles:
+            exe = binary or handle.facts.executable
+            if exe not in versions:
+                versions[exe] = qemu_version(exe)
+            ok, why = transfer_path(handle.facts, versions[exe])
+            out.append((handle, exe, ok, why))
+        return out
+
+    async def upgrade(
+        self, names: list[str] | None = None, binary: str | None = None
+    ) -> dict[str, str]:
+        """Move the named VMs (all by default) to ``binary`` (default: their own, on disk)."""
+        plan = await self.paths(names, binary)
+        results: dict[str, str] = {}
+        sem = asyncio.Semaphore(self.config.save.concurrency)
+
+        async def one(handle: VMHandle, exe: str) -> None:
+            async with sem:
+                try:
+                    results[handle.name] = await self._transfer(handle, exe)
+                except (CprdError, OSError) as err:
+                    results[handle.name] = f"failed, still in its old QEMU: {err}"
+
+        await asyncio.gather(*(one(h, exe) for h, exe, ok, _ in plan if ok))
+        by_file = [(h, exe) for h, exe, ok, _ in plan if not ok]
+        if by_file:
+            results.update(await self._through_file(by_file))
+        await self.inventory.scan()  # hold the new processes
+        return results
+
+    # --- cpr-transfer ---------------------------------------------------------------------
+
+    async def _transfer(self, handle: VMHandle, exe: str) -> str:
+        facts = handle.facts
+        name = facts.name
+        base = self.config.state_dir / mf.safe_file_name(name)
+        mf.ensure_state_dir(self.config.state_dir)
+        cpr_sock, mig_sock = Path(f"{base}.cpr.sock"), Path(f"{base}.mig.sock")
+        for sock in (cpr_sock, mig_sock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(sock)
+        qmp_path = Path(facts.qmp_socket)
+        self.inventory.exclude.add(qmp_path)  # the new QEMU takes over this path
+        old = handle.conn
+        process: Launcher.Process | None = None
+        new: QMPConnection | None = None
+        migrating = False
+        try:
+            old_inode = _inode(qmp_path)
+            self.progress(name, "launching", 0, 0)
+            process = await self.launcher.launch(
+                name, exe, transfer_argv(facts.argv, facts.machine_type, cpr_sock)
+            )
+            await self._wait_for(lambda: cpr_sock.exists(), process, name, "its cpr socket")
+            await old.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+            channels = [
+                {
+                    "channel-type": "main",
+                    "addr": {"transport": "socket", "type": "unix", "path": str(mig_sock)},
+                },
+                {
+                    "channel-type": "cpr",
+                    "addr": {"transport": "socket", "type": "unix", "path": str(cpr_sock)},
+                },
+            ]
+            start = time.monotonic()
+            migrating = True
+            await self._migrate(old, channels, process, name)
+            # Until the new QEMU has loaded the cpr state it has not bound the monitor
+            # path, which still leads to the old QEMU (busy with cprd: no greeting).
+            await self._wait_for(
+                lambda: _inode(qmp_path) not in (old_inode, None),
+                process,
+                name,
+                "its monitor socket",
+            )
+            new = await self._connect_new(qmp_path, process, name)
+            await new.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
+            await new.execute("migrate-incoming", {"uri": f"unix:{mig_sock}"})
+            status = await self._settled(new, name)
+            self.blackout[name] = time.monotonic() - start
+            info = await old.execute("query-migrate")
+            if info.get("status") != "completed":
+                raise QMPError(f"{name}: old QEMU reports migration {info.get('status')}")
+        except BaseException:
+            await self._undo(handle, process, new, migrating)
+            raise
+        finally:
+            for sock in (cpr_sock, mig_sock):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock)
+        # The switch-over is done.  SIGKILL, not quit: a quitting QEMU unlinks its socket
+        # paths, which the new process now serves.
+        await new.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(facts.pid, signal.SIGKILL)
+        await wait_exit(facts.pid, 30)
+        self.inventory.exclude.discard(qmp_path)
+        self.progress(name, "upgraded", 0, 0)
+        emit(
+            logger,
+            logging.INFO,
+            Event.VM_RESTORED,
+            "moved to a new QEMU (%s) with cpr-transfer in %.3fs: %s",
+            exe,
+            self.blackout[name],
+            status,
+            vm=name,
+            phase="upgrading",
+        )
+        return f"cpr-transfer: {status}"
+
+    async def _migrate(
+        self,
+        old: QMPConnection,
+        channels: list[dict[str, Any]],
+        process: Launcher.Process,
+        name: str,
+    ) -> None:
+        """``migrate`` on the old QEMU, again while the new one is not listening yet.
+
+        The cpr socket's file exists a moment before the new QEMU listens on it, and
+        probing it would take the single connection the new QEMU accepts there.  A
+        refused connection fails the command before the old VM is stopped.
+        """
+        for _ in range(250):
+            try:
+                await old.execute("migrate", {"channels": channels})
+                return
+            except QMPError as err:
+                if "Connection refused" not in str(err):
+                    raise
+            if not await self.launcher.alive(process):
+                raise LaunchError(f"{name}: the new QEMU exited: {self.launcher.tail(process)}")
+            await asyncio.sleep(0.02)
+        raise LaunchError(f"{name}: the new QEMU never accepted the cpr channel")
+
+    async def _wait_for(
+        self, ready: Callable[[], bool], process: Launcher.Process, name: str, what: str
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not ready():
+            if not await self.launcher.alive(process):
+                raise LaunchError(f"{name}: the new QEMU exited: {self.launcher.tail(process)}")
+            if loop.time() > deadline:
+                raise LaunchError(f"{name}: the new QEMU did not create {what} within 60s")
+            await asyncio.sleep(0.02)
+
+    async def _connect_new(self, path: Path, process: Launcher.Process, name: str) -> QMPConnection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:
+            if not await self.launcher.alive(process):
+                raise LaunchError(f"{name}: the new QEMU exited: {self.launcher.tail(process)}")
+            with contextlib.suppress(QMPError):
+                conn = await QMPConnection.open(path, name, timeout=5)
+                if not process.pid or conn.pid == process.pid:
+                    return conn
+                await conn.close()
+            if loop.time() > deadline:
+                raise LaunchError(f"{name}: the new QEMU's monitor never answered")
+            await asyncio.sleep(0.05)
+
+    async def _settled(self, new: QMPConnection, name: str) -> str:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.restore.timeout_s
+        while True:
+            info = await new.execute("query-migrate")
+            if info.get("status") in ("failed", "cancelled"):
+                raise QMPError(
+                    f"{name}: incoming cpr-transfer {info['status']}: {info.get('error-desc', '?')}"
+                )
+            status = str((await new.execute("query-status"))["status"])
+            if info.get("status") == "completed" and status not in ("inmigrate", "finish-migrate"):
+                return status
+            if loop.time() > deadline:
+                raise QMPError(f"{name}: the new QEMU is still {status!r}")
+            await asyncio.sleep(0.02)
+
+    async def _undo(
+        self,
+        handle: VMHandle,
+        process: Launcher.Process | None,
+        new: QMPConnection | None,
+        migrating: bool,
+    ) -> None:
+        """Before the switch-over: the new process goes, the old one runs as before."""
+        if new is not None:
+            await new.close()
+        if process is not None:
+            await self.launcher.stop(process)
+        old = handle.conn
+        with contextlib.suppress(CprdError):
+            if migrating:
+                with contextlib.suppress(QMPError):
+                    await old.execute("migrate_cancel")
+                status = str((await old.execute("query-status"))["status"])
+                if status in ("postmigrate", "paused") and handle.facts.runstate == "running":
+                    await old.execute("cont")
+            await old.execute("migrate-set-parameters", {"mode": "normal"})
+        self.inventory.exclude.discard(Path(handle.facts.qmp_socket))
+
+    # --- the file path --------------------------------------------------------------------
+
+    async def _through_file(self, vms: list[tuple[VMHandle, str]]) -> dict[str, str]:
+        """cpr-reboot to a file, quit, and an immediate restore with the new binary."""
+        names = {h.name for h, _ in vms}
+        sockets = {Path(h.facts.qmp_socket) for h, _ in vms}
+        saver = Saver(self.config, self.inventory, self.progress, self.launcher)
+        try:
+            await saver.prepare(only=names)
+        except CprdError as err:
+            return dict.fromkeys(names, f"failed, still in its old QEMU: {err}")
+        self.inventory.exclude |= sockets
+        try:
+            manifest = await saver.commit()
+            exe = {h.name: e for h, e in vms}
+            manifest = manifest.replace(
+                vms=tuple(r.replace(executable=exe[r.name]) for r in manifest.vms)
+            )
+            mf.write(self.config.manifest_path, manifest)
+            restored = await Restorer(
+                self.config, launcher=self.launcher, progress=self.progress
+            ).run()
+        finally:
+            self.inventory.exclude -= sockets
+            await self.inventory.scan()
+        return {r.name: f"file: {r.outcome.value}: {r.reason}" for r in restored.vms}
