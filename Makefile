@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup check lint test test-fast demo bench clean
+.PHONY: setup check lint test test-fast demo bench deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -26,6 +26,10 @@ demo: setup
 
 bench: setup
 	$(PY) scripts/bench.py
+
+# The Debian package, into build/deb (see packaging/).
+deb: setup
+	packaging/build-deb.sh build/deb
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

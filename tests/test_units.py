@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -313,3 +314,16 @@ def test_catalog_compiles_with_journalctl(tmp_path: Path) -> None:
     subjects = dict(line.split(" ", 1) for line in listed.stdout.splitlines())
     assert sorted(subjects) == sorted(event.value for event in Event)
     assert all(subject.startswith("cprd: ") for subject in subjects.values())
+
+
+def test_tmpfiles_creates_the_socket_directories(tmp_path: Path) -> None:
+    conf = UNITS / "tmpfiles.d" / "cprd.conf"
+    subprocess.run(
+        ["systemd-tmpfiles", "--create", f"--root={tmp_path}", str(conf)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    for sub, mode in (("run/cprd", 0o755), ("run/cprd/qmp", 0o750), ("run/cprd/qga", 0o750)):
+        st = (tmp_path / sub).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, 0), sub
