@@ -52,6 +52,7 @@ from cprd.manifest import Manifest, Outcome
 from cprd.plan import MigrationSettings
 from cprd.restore import Restorer
 from cprd.save import Saver
+from cprd.transfer import Upgrader
 
 # Case 1: the guest fills its tmpfs from /dev/urandom at boot, about 65 MiB/s under TCG on
 # this 2-core machine: 1536 MiB take about 25 s, so the full size fits the time budget.
@@ -63,6 +64,7 @@ INPLACE_MEM_MIB = 512
 INPLACE_REPS = 5
 PARALLEL_COUNTS = (1, 2, 4, 8)
 PARALLEL_MEM_MIB = 128
+UPGRADE_MEM_MIB = 512
 PARALLEL_REPS = 3
 QMP_TIMEOUT = 30.0
 NO_DISK_FS = frozenset({"tmpfs", "ramfs", "devtmpfs"})
@@ -527,6 +529,48 @@ async def case_parallel(root: Path, image: tuple[Path, Path], vms: list[GuestVM]
     }
 
 
+async def case_upgrade(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) -> dict[str, Any]:
+    """QEMU-only upgrade, no reboot: per-VM blackout of cpr-transfer and of the file path."""
+    say(f"case 4: QEMU-only upgrade of two {UPGRADE_MEM_MIB} MiB guests (memfd / private RAM)")
+    guests = start_guests(
+        [
+            GuestSpec(
+                "xfer",
+                memory=Memory.MEMFD,
+                mem_mib=UPGRADE_MEM_MIB,
+                extra_args=["-machine", "aux-ram-share=on"],
+            ),
+            GuestSpec("file", mem_mib=UPGRADE_MEM_MIB),
+        ],
+        root,
+        image,
+        120,
+    )
+    vms += guests
+    cfg = make_config(root, "upgrade", guests)
+    inventory = Inventory(cfg)
+    clock = Clock()
+    try:
+        upgrader = Upgrader(cfg, inventory, progress=clock)
+        results = await upgrader.upgrade()
+    finally:
+        await inventory.close()
+    for vm in guests:
+        vm.released()
+        last = vm.last_tick() or 0
+        vm.wait_tick_above(last, timeout=30)
+    out = {
+        "mem_mib": UPGRADE_MEM_MIB,
+        "results": results,
+        "cpr_transfer_blackout_s": upgrader.blackout["xfer"],
+        "file_blackout_s": clock.span("file", "saving", "restored"),
+    }
+    out["ratio_file_to_transfer"] = out["file_blackout_s"] / out["cpr_transfer_blackout_s"]
+    for vm in guests:
+        vm.cleanup()
+    return out
+
+
 # --- output -----------------------------------------------------------------------------
 
 
@@ -647,6 +691,18 @@ def table(results: dict[str, Any]) -> list[str]:
                     f"({q['written_bytes'][n] / 2**20:.0f} MiB written)",
                 )
             )
+    u = results.get("upgrade")
+    if u:
+        rows += [
+            (
+                "4 upgrade",
+                f"QEMU-only, {u['mem_mib']} MiB guests",
+                ", ".join(f"{k}: {v}" for k, v in sorted(u["results"].items())),
+            ),
+            ("", "blackout, cpr-transfer (memfd)", f"{u['cpr_transfer_blackout_s'] * 1000:.0f} ms"),
+            ("", "blackout, file path (private RAM)", f"{u['file_blackout_s'] * 1000:.0f} ms"),
+            ("", "RATIO file / cpr-transfer", f"{u['ratio_file_to_transfer']:.1f}x"),
+        ]
     w = (12, 38)
     lines = [f"{'case':<{w[0]}} {'figure':<{w[1]}} value", "-" * 100]
     lines += [f"{a:<{w[0]}} {b:<{w[1]}} {v}" for a, b, v in rows]
@@ -669,6 +725,7 @@ async def run_all(root: Path, image: tuple[Path, Path], results: dict[str, Any])
         results["copied"] = await case_copied(root, image, vms)
         results["in_place"] = await case_in_place(root, image, vms)
         results["parallel"] = await case_parallel(root, image, vms)
+        results["upgrade"] = await case_upgrade(root, image, vms)
     finally:
         for vm in vms:
             with contextlib.suppress(Exception):
