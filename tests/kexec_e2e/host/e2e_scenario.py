@@ -1,0 +1,329 @@
+"""cprd-e2e.service: the kexec scenario, run at every boot of the virtual host.
+
+Boot 1 (no phase file): start vm1 (RAM on the DAX ext4 at /mnt/pmem, share=on: stays in
+place) and vm2 (private RAM: copied), wait for their ticks, then `cprdctl kexec` into the
+same kernel with the same command line. Boot 2 (phase "kexec"): cprd-restore.service has
+run; wait until both VMs tick again, collect the figures, print them on the serial console
+(`E2E-RESULT <json>`, the journal between E2E-JOURNAL-BEGIN/END), power off.
+Any failure: `E2E-ERROR ...`, then `E2E-RESULT` with ok=false, then power off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DIR = Path("/var/lib/cprd-e2e")
+PHASE = DIR / "phase"
+GUEST = Path("/usr/local/share/cprd-e2e")
+VMS = ("vm1", "vm2")
+TICKS_BEFORE = 5  # ticks per VM before the kexec
+TICKS_AFTER = 3  # ticks per VM after the restore
+BOOT_TIMEOUT_S = 1200  # nested TCG: ~95 s per guest to userspace, more with two
+RESTORE_TIMEOUT_S = 600
+EVENTS = {
+    f"6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6{c}": name
+    for c, name in zip(
+        "123456789ab",
+        (
+            "prepare-started",
+            "vm-suspended",
+            "vm-saved",
+            "prepared",
+            "committed",
+            "rollback",
+            "vm-resumed",
+            "vm-restored",
+            "vm-restore-failed",
+            "vm-op-failed",
+            "vm-plan",
+        ),
+        strict=True,
+    )
+}
+
+
+def console(line: str) -> None:
+    print(line, flush=True)
+    fd = os.open("/dev/ttyS0", os.O_WRONLY | os.O_NOCTTY)
+    try:
+        os.write(fd, (line.replace("\n", "\r\n") + "\r\n").encode())
+    finally:
+        os.close(fd)
+
+
+def run(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def write_phase(phase: str, **info: Any) -> None:
+    tmp = PHASE.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        json.dump({"phase": phase, **info}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.rename(PHASE)
+    fd = os.open(DIR, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def read_phase() -> dict[str, Any]:
+    if not PHASE.exists():
+        return {"phase": "fresh"}
+    data: dict[str, Any] = json.loads(PHASE.read_text())
+    return data
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def ticks() -> dict[str, list[tuple[int, float, str]]]:
+    """Per VM: (N, realtime, boot_id) of every stamped tick, in order."""
+    out: dict[str, list[tuple[int, float, str]]] = {vm: [] for vm in VMS}
+    path = DIR / "ticks.log"
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 4 and parts[0] in out:
+            out[parts[0]].append((int(parts[1]), float(parts[2]), parts[3]))
+    return out
+
+
+def qemu_argv(vm: str) -> list[str]:
+    argv = [
+        "qemu-system-x86_64",
+        "-name",
+        vm,
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        "128M",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-no-user-config",
+        "-kernel",
+        str(GUEST / "vmlinuz"),
+        "-initrd",
+        str(GUEST / "initrd.img"),
+        "-append",
+        "console=ttyS0",
+        "-chardev",
+        f"file,id=ser0,path={DIR}/{vm}.serial,append=on",
+        "-serial",
+        "chardev:ser0",
+        "-qmp",
+        f"unix:/run/cprd/qmp/{vm}.sock,server=on,wait=off",
+        "-chardev",
+        f"socket,id=qga0,path=/run/cprd/qga/{vm}.sock,server=on,wait=off",
+        "-device",
+        "virtio-serial",
+        "-device",
+        "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+    ]
+    if vm == "vm1":  # RAM on the DAX-mounted ext4 on /dev/pmem0: stays in place
+        argv += [
+            "-object",
+            "memory-backend-file,id=ram0,size=128M,mem-path=/mnt/pmem/vm1.ram,share=on",
+            "-machine",
+            "memory-backend=ram0",
+        ]
+    return argv
+
+
+def wait_ticks(count: int, timeout: float, this_boot: str) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    last_report = 0.0
+    while True:
+        seen = {vm: sum(1 for t in ts if t[2] == this_boot) for vm, ts in ticks().items()}
+        if all(n >= count for n in seen.values()):
+            return seen
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timeout waiting for {count} ticks per VM: {seen}")
+        if time.monotonic() - last_report > 30:
+            console(f"E2E-WAIT ticks this boot: {seen}; {vm_diag()}")
+            last_report = time.monotonic()
+        time.sleep(1)
+
+
+def vm_diag() -> str:
+    out = []
+    for vm in VMS:
+        active = run("systemctl", "is-active", f"e2e-{vm}.service").stdout.strip()
+        path = DIR / f"{vm}.serial"
+        tail = path.read_bytes()[-60:].decode(errors="replace") if path.exists() else "-"
+        size = path.stat().st_size if path.exists() else -1
+        out.append(f"{vm} unit {active} serial {size} B ...{tail!r}")
+    return "; ".join(out)
+
+
+def cmdline() -> str:
+    args = Path("/proc/cmdline").read_text().split()
+    return " ".join(a for a in args if not a.startswith("BOOT_IMAGE="))
+
+
+def boot1() -> None:
+    console(f"E2E-PHASE boot1 {boot_id()}")
+    Path("/run/cprd/qmp").mkdir(parents=True, exist_ok=True)
+    Path("/run/cprd/qga").mkdir(parents=True, exist_ok=True)
+    for vm in VMS:
+        (DIR / f"{vm}.serial").unlink(missing_ok=True)
+        r = run("systemd-run", f"--unit=e2e-{vm}", "--collect", "--", *qemu_argv(vm))
+        if r.returncode != 0:
+            raise RuntimeError(f"systemd-run {vm}: {r.stderr.strip()}")
+    t0 = time.monotonic()
+    console("E2E-VMS-STARTED")
+    wait_ticks(TICKS_BEFORE, BOOT_TIMEOUT_S, boot_id())
+    console(f"E2E-VMS-TICKING after {time.monotonic() - t0:.0f} s")
+    deadline = time.monotonic() + 120
+    while True:  # cprd has picked both QMP sockets up
+        r = run("cprdctl", "status", "--json", timeout=60)
+        if r.returncode == 0 and len(json.loads(r.stdout or "[]")) >= len(VMS):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cprd does not see both VMs: {r.stdout} {r.stderr}")
+        time.sleep(2)
+    for cmd in (("status",), ("check",)):
+        r = run("cprdctl", *cmd, timeout=120)
+        console(f"E2E-CPRDCTL {' '.join(cmd)} (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+    kver = os.uname().release
+    append = cmdline()
+    write_phase("kexec", boot1=boot_id(), kexec_at=time.time(), append=append)
+    console("E2E-KEXEC-START")
+    r = run(
+        "cprdctl",
+        "kexec",
+        "--kernel",
+        f"/boot/vmlinuz-{kver}",
+        "--initrd",
+        f"/boot/initrd.img-{kver}",
+        "--append",
+        append,
+        timeout=900,
+    )
+    console(f"E2E-CPRDCTL kexec (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+    if r.returncode != 0:
+        raise RuntimeError(f"cprdctl kexec failed with {r.returncode}")
+    time.sleep(3600)  # systemd stops this unit on its way to the kexec
+
+
+def journal(boot: str) -> list[dict[str, str]]:
+    matches = [f"MESSAGE_ID={m}" for m in EVENTS]
+    r = run("journalctl", "--no-pager", "-o", "json", "-b", boot, *matches, timeout=120)
+    out = []
+    for line in r.stdout.splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        out.append(
+            {
+                "t": f"{int(e.get('__REALTIME_TIMESTAMP', 0)) / 1e6:.3f}",
+                "event": EVENTS.get(e.get("MESSAGE_ID", ""), "?"),
+                "vm": str(e.get("CPRD_VM", "")),
+                "message": str(e.get("MESSAGE", "")),
+            }
+        )
+    return out
+
+
+def boot2(phase: dict[str, Any]) -> dict[str, Any]:
+    this = boot_id()
+    write_phase("after", **{k: v for k, v in phase.items() if k != "phase"}, boot2=this)
+    console(f"E2E-PHASE boot2 {this}")
+    restore = run(
+        "systemctl", "show", "cprd-restore.service", "-p", "ActiveState,Result,ExecMainStatus"
+    ).stdout.split()
+    console(f"E2E-RESTORE-UNIT {' '.join(restore)}")
+    wait_ticks(TICKS_AFTER, RESTORE_TIMEOUT_S, this)
+    all_ticks = ticks()
+    vms: dict[str, Any] = {}
+    for vm in VMS:
+        before = [t for t in all_ticks[vm] if t[2] == phase["boot1"]]
+        after = [t for t in all_ticks[vm] if t[2] == this]
+        if not before or not after:
+            raise RuntimeError(f"{vm}: ticks before {len(before)}, after {len(after)}")
+        vms[vm] = {
+            "last_tick_before": before[-1][0],
+            "last_tick_before_t": before[-1][1],
+            "first_tick_after": after[0][0],
+            "first_tick_after_t": after[0][1],
+            "downtime_s": round(after[0][1] - before[-1][1], 3),
+            "continued": after[0][0] == before[-1][0] + 1,
+        }
+    state = {}
+    for p in sorted(Path("/var/lib/cprd").rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            state[str(p)] = {"size": st.st_size, "allocated": st.st_blocks * 512}
+    status = run("cprdctl", "status", "--json", timeout=120)
+    try:
+        cprd_status = json.loads(status.stdout)
+    except ValueError:
+        cprd_status = status.stdout + status.stderr
+    last_before = max(v["last_tick_before_t"] for v in vms.values())
+    first_after = min(v["first_tick_after_t"] for v in vms.values())
+    events_before, events_after = journal("-1"), journal("0")
+    console("E2E-JOURNAL-BEGIN")
+    for label, evs in (("boot1", events_before), ("boot2", events_after)):
+        for e in evs:
+            console(f"{label} {e['t']} {e['event']:<18} {e['vm']:<4} {e['message']}")
+    console("E2E-JOURNAL-END")
+    r = run("journalctl", "--no-pager", "-b", "0", "-u", "cprd-restore.service", "-o", "cat")
+    console("E2E-RESTORE-LOG-BEGIN\n" + r.stdout.strip() + "\nE2E-RESTORE-LOG-END")
+    manifest = Path("/var/lib/cprd/manifest.yaml")
+    ok = all(v["continued"] for v in vms.values()) and "Result=success" in restore
+    return {
+        "ok": ok,
+        "restore_unit": restore,
+        "kexec_requested_at": phase.get("kexec_at"),
+        "host_blackout_s": round(first_after - last_before, 3),
+        "vms": vms,
+        "state_files": state,
+        "manifest": manifest.read_text() if manifest.exists() else None,
+        "cprd_status": cprd_status,
+        "pmem_mount": [
+            ln for ln in Path("/proc/mounts").read_text().splitlines() if "/mnt/pmem" in ln
+        ],
+        "events_boot1": [e["event"] + ":" + e["vm"] for e in events_before],
+        "events_boot2": [e["event"] + ":" + e["vm"] for e in events_after],
+    }
+
+
+def main() -> int:
+    phase = read_phase()
+    result: dict[str, Any]
+    try:
+        if phase["phase"] == "fresh":
+            boot1()
+            return 0
+        if phase["phase"] != "kexec":
+            raise RuntimeError(f"unexpected phase {phase['phase']} (a third boot?)")
+        result = boot2(phase)
+    except Exception as err:  # report anything, then power off
+        console(f"E2E-ERROR {type(err).__name__}: {err}")
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}", "phase": phase}
+        if phase["phase"] == "fresh":
+            write_phase("failed")
+    (DIR / "result.json").write_text(json.dumps(result, indent=1))
+    console("E2E-RESULT " + json.dumps(result, separators=(",", ":")))
+    os.sync()
+    time.sleep(2)
+    run("systemctl", "poweroff")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
