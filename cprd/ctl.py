@@ -27,6 +27,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 
 from cprd import __version__
+from cprd.service import unvariant as plain
 
 NAME, PATH, IFACE = "org.cprd.Cprd1", "/org/cprd/Cprd1", "org.cprd.Cprd1.Manager"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_BUSY = 0, 1, 2, 3, 4
@@ -38,16 +39,6 @@ class CtlError(Exception):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.code = code
-
-
-def plain(value: Any) -> Any:
-    if isinstance(value, Variant):
-        return plain(value.value)
-    if isinstance(value, dict):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [plain(v) for v in value]
-    return value
 
 
 class Client:

@@ -69,7 +69,8 @@ def vardict(data: Mapping[str, object]) -> dict[str, Variant]:
     return {k: variant(v) for k, v in data.items()}
 
 
-def unvariant(value: object) -> object:
+def unvariant(value: Any) -> Any:
+    """D-Bus values (variants nested in dicts and lists) as plain Python data."""
     if isinstance(value, Variant):
         return unvariant(value.value)
     if isinstance(value, dict):

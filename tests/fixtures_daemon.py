@@ -52,12 +52,17 @@ class Daemon:
             time.sleep(0.2)
 
 
-def start_daemon(bus: BusDaemon, root: Path, env: dict[str, str] | None = None) -> Daemon:
-    """The real daemon, as root, on the private bus; logging to journald when it runs."""
+def start_daemon(
+    bus: BusDaemon, root: Path, env: dict[str, str] | None = None, extra: str = ""
+) -> Daemon:
+    """The real daemon, as root, on the private bus; logging to journald when it runs.
+
+    ``extra`` is appended to the test config; daemon.log is appended to, so a restarted
+    daemon's log follows the first one's."""
     cfg = root / "cprd.yaml"
-    make_config(root)
+    make_config(root, extra)
     log = root / "daemon.log"
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [str(BIN / "cprd"), "--config", str(cfg), "--bus", bus.address],
             stdout=out,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_bus import BusDaemon
-from fixtures_daemon import BIN, Daemon, stop_daemon
+from fixtures_daemon import BIN, Daemon, start_daemon, stop_daemon
 from harness import GuestFactory, GuestSpec, GuestVM, Memory
 from test_cycle import make_config
 
@@ -332,17 +332,7 @@ async def test_state_dir_fills_up_mid_save(
 
 def start_daemon_with(bus: BusDaemon, root: Path, extra: str) -> Daemon:
     """fixtures_daemon.start_daemon, with extra config and logging to daemon.log."""
-    cfg = root / "cprd.yaml"
-    make_config(root, extra)
-    log = root / "daemon.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "cprd"), "--config", str(cfg), "--bus", bus.address],
-            stdout=out,
-            stderr=out,
-            env={**os.environ, "CPRD_LOG": "stderr"},  # its log in daemon.log, always
-        )
-    return Daemon(proc, log, bus.address, cfg)
+    return start_daemon(bus, root, {"CPRD_LOG": "stderr"}, extra)  # its log, always
 
 
 def wait_serving(d: Daemon, vms: int) -> None:
