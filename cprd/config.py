@@ -103,6 +103,19 @@ def _globs(value: object, path: str) -> tuple[str, ...]:
     return tuple(str(_abspath(v, f"{path}[{i}]")) for i, v in enumerate(value))
 
 
+def _uids(value: object, path: str) -> tuple[int, ...]:
+    if isinstance(value, str) or not isinstance(value, list):
+        raise ConfigError(f"{path}: expected a list of uids, got {_describe(value)}")
+    out = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 2**32 - 1:
+            raise ConfigError(
+                f"{path}[{i}]: expected a uid (an integer from 1), got {_describe(v)}"
+            )
+        out.append(v)
+    return tuple(out)
+
+
 def _agent_template(value: object, path: str) -> str | None:
     if value is None:
         return None
@@ -136,6 +149,12 @@ class Discovery:
         _agent_template,
         "guest-agent socket of a VM by name, e.g. /run/cprd/qga/{name}.sock; "
         "vms.<name>.agent overrides it",
+    )
+    trusted_uids: tuple[int, ...] = setting(
+        (),
+        _uids,
+        "uids besides root that may own a QMP socket, the directories above it and the "
+        "QEMU behind it (see TRUST in cprd.yaml(5)); root is always trusted",
     )
 
 

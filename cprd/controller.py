@@ -118,10 +118,14 @@ class Controller:
 
     async def check(self) -> list[dict[str, Any]]:
         plans, problems = await self.saver.plan()
-        upgrade = {h.name: (ok, why) for h, _, ok, why in await self.upgrader.paths(None, None)}
+        paths = await self.upgrader.paths(None, None, probe=False)  # Check runs no binary
+        upgrade = {h.name: (ok, why) for h, _, ok, why in paths}
         out = []
         for handle, plan in plans:
             ok, why = upgrade.get(plan.name, (False, "?"))
+            # e.g. two VMs sharing a name or a state file name
+            other = problems.get(plan.name)
+            extra = [other] if other and other != "; ".join(plan.problems) else []
             out.append(
                 {
                     "name": plan.name,
@@ -130,13 +134,15 @@ class Controller:
                     "in_place": plan.in_place,
                     "bytes_to_write": plan.bytes_to_write,
                     "notes": list(plan.notes),
-                    "problems": list(plan.problems),
-                    "ok": not plan.problems,
+                    "problems": list(plan.problems) + extra,
+                    "ok": not plan.problems and not extra,
                     "runstate": handle.facts.runstate,
                     "qemu_upgrade": "cpr-transfer" if ok else "file",
                     "qemu_upgrade_why": why,
                 }
             )
+        for path, why in sorted(self.inventory.refused().items()):
+            out.append({"name": str(path), "ok": False, "problems": [why]})
         if "state_dir" in problems:
             out.append({"name": "state_dir", "ok": False, "problems": [problems["state_dir"]]})
         return out

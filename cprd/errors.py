@@ -19,6 +19,7 @@ Tree::
      +-- ManifestError        manifest missing, corrupt, of an unknown version, unsafe
      +-- RestoreError         one VM could not be restored; its state file is kept
      +-- LaunchError          a QEMU process could not be started
+     +-- TrustError           a socket, process or binary cprd must not act on
 """
 
 from __future__ import annotations
@@ -107,3 +108,9 @@ class RestoreError(CprdError):
 
 class LaunchError(CprdError):
     dbus_name = "LaunchFailed"
+
+
+class TrustError(CprdError):
+    """A QMP socket, process or binary that someone other than root could steer."""
+
+    dbus_name = "Untrusted"

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import glob
 import logging
+import os
+import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,9 +21,13 @@ from pathlib import Path
 
 from cprd.agent import Agent
 from cprd.config import Config
-from cprd.errors import CprdError, MonitorBusyError, QMPError
-from cprd.qmp import Event, QMPConnection
-from cprd.vm import VMFacts, inspect
+from cprd.errors import CprdError, MonitorBusyError, QMPError, TrustError
+from cprd.log import Event as LogEvent
+from cprd.log import emit
+from cprd.manifest import VMRecord
+from cprd.qmp import Event, PeerCred, QMPConnection
+from cprd.trust import check_binary, path_problem, peer_problem
+from cprd.vm import ProcIdentity, VMFacts, inspect, read_identity
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +40,47 @@ BACKOFF_MAX = 30.0
 
 @dataclass
 class VMHandle:
-    """A connected VM: its QMP connection and latest facts."""
+    """A connected VM: its QMP connection and latest facts.
+
+    ``pidfd`` pins the QEMU process from discovery on (a pid can be reused, a pidfd
+    cannot); ``identity`` is what /proc said of it then.  :meth:`Inventory.verify`
+    compares both with the present before cprd quits or relaunches the VM."""
 
     conn: QMPConnection
     facts: VMFacts
     dirty: bool = False
+    pidfd: int | None = None
+    identity: ProcIdentity | None = None
 
     @property
     def name(self) -> str:
         return self.facts.name
 
+    def close_pidfd(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+    def process_alive(self) -> bool:
+        """Whether the pinned process still runs (a pidfd polls readable once it exits)."""
+        if self.pidfd is None:
+            return False
+        poller = select.poll()
+        poller.register(self.pidfd, select.POLLIN)
+        return not poller.poll(0)
+
     def agent(self, timeout: float = 5.0) -> Agent | None:
         path = self.facts.agent_socket
         return Agent(Path(path), self.name, timeout) if path else None
+
+
+def pin_record(inventory: Inventory, handle: VMHandle, rec: VMRecord) -> VMRecord:
+    """Before commit quits a QEMU: refuse it unless it is still the process cprd
+    inspected (:meth:`Inventory.verify`); return ``rec`` with its binary pinned."""
+    identity = inventory.verify(handle)
+    if identity.argv != rec.argv:
+        raise TrustError(f"{rec.name}: its command line is not the one recorded at prepare")
+    return rec.replace(exe_dev=identity.exe_dev, exe_ino=identity.exe_ino)
 
 
 @dataclass
@@ -55,6 +89,7 @@ class _Retry:
     next_at: float = 0.0
     last_error: str = ""
     busy: bool = False  # a live QEMU whose monitor another client holds
+    refused: bool = False  # refused by the trust rules (cprd.trust)
 
 
 @dataclass
@@ -115,21 +150,57 @@ class Inventory:
             elif isinstance(result, BaseException):
                 raise result
 
-    async def _connect(self, path: Path) -> None:
+    def _check_peer(self, cred: PeerCred) -> None:
+        """Refuse a QMP peer the trust rules do not accept (before its greeting is read)."""
+        trusted = self.config.discovery.trusted_uids
         try:
-            conn = await QMPConnection.open(path, timeout=5.0)
+            identity = read_identity(cred.pid)
+        except TrustError as err:
+            raise TrustError(f"refused: {err}") from err
+        problem = peer_problem(cred.uid, identity.uids, identity.argv, trusted)
+        if problem is not None:
+            raise TrustError(f"refused: {problem}")
+
+    async def _connect(self, path: Path) -> None:
+        trusted = self.config.discovery.trusted_uids
+        problem = path_problem(path, trusted)
+        if problem is not None:
+            self._backoff(path, f"refused: {problem}", refused=True)
+            return
+        try:
+            conn = await QMPConnection.open(path, timeout=5.0, check=self._check_peer)
+        except TrustError as err:
+            self._backoff(path, str(err), refused=True)
+            return
         except QMPError as err:
             self._backoff(path, str(err), busy=isinstance(err, MonitorBusyError))
             return
+        pidfd: int | None = None
         try:
+            pidfd = os.pidfd_open(conn.pid)
             facts = await self._inspect(conn)
+            identity = facts.identity
+            assert identity is not None
+            # The facts were read from /proc/PID: they are the pidfd's process only if
+            # it still runs now (its pid cannot have been reused while it ran).
+            if not VMHandle(conn, facts, pidfd=pidfd).process_alive():
+                raise QMPError(f"{path}: QEMU pid {conn.pid} exited during discovery")
+            check_binary(f"/proc/{conn.pid}/exe")
+        except TrustError as err:
+            await conn.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            self._backoff(path, f"refused: {err}", refused=True)
+            return
         except (CprdError, OSError) as err:
             await conn.close()
+            if pidfd is not None:
+                os.close(pidfd)
             self._backoff(path, str(err))
             return
         self._retry.pop(path, None)
         conn.name = facts.name
-        handle = VMHandle(conn, facts)
+        handle = VMHandle(conn, facts, pidfd=pidfd, identity=identity)
         conn.subscribe(functools.partial(self._on_event, handle))
         self.handles[path] = handle
         logger.info(
@@ -146,21 +217,65 @@ class Inventory:
     def unreachable(self) -> dict[Path, str]:
         """Sockets the globs match whose QEMU lives but whose monitor another client holds:
         VMs cprd cannot save (a stale socket of a dead QEMU is not listed)."""
-        return {p: r.last_error for p, r in self._retry.items() if r.busy}
+        return {p: r.last_error for p, r in self._retry.items() if r.busy or r.refused}
 
-    def _backoff(self, path: Path, error: str, busy: bool = False) -> None:
+    def refused(self) -> dict[Path, str]:
+        """Sockets the globs match that the trust rules refused, with the reason."""
+        return {p: r.last_error for p, r in self._retry.items() if r.refused}
+
+    def _backoff(self, path: Path, error: str, busy: bool = False, refused: bool = False) -> None:
         retry = self._retry.setdefault(path, _Retry())
         retry.busy = busy
+        retry.refused = refused
         retry.attempts += 1
         delay = min(BACKOFF_MAX, 0.5 * 2 ** (retry.attempts - 1))
         retry.next_at = time.monotonic() + delay
         if error != retry.last_error:
-            logger.warning("%s: %s (retrying in %.1fs)", path, error, delay)
+            if refused:
+                emit(
+                    logger,
+                    logging.WARNING,
+                    LogEvent.REFUSED,
+                    "%s: %s (see TRUST in cprd.yaml(5))",
+                    path,
+                    error,
+                )
+            else:
+                logger.warning("%s: %s (retrying in %.1fs)", path, error, delay)
         retry.last_error = error
+
+    def verify(self, handle: VMHandle) -> ProcIdentity:
+        """Refuse (TrustError) a VM whose QEMU is not the process found at discovery:
+        exited or replaced, its argv rewritten, its executable replaced, its credentials
+        changed, or its binary no longer root-owned and unwritable by others."""
+        name = handle.name
+        pinned = handle.identity
+        if pinned is None or not handle.process_alive():
+            raise TrustError(f"{name}: its QEMU (pid {handle.facts.pid}) is gone or was replaced")
+        try:
+            now = read_identity(pinned.pid)
+        except TrustError as err:
+            raise TrustError(f"{name}: {err}") from err
+        if not handle.process_alive():
+            raise TrustError(f"{name}: its QEMU (pid {pinned.pid}) exited")
+        changes = pinned.changes(now)
+        if changes:
+            raise TrustError(
+                f"{name}: its QEMU is not the process cprd inspected: {'; '.join(changes)}",
+                "check the host; `cprdctl resume` puts the VMs back",
+            )
+        try:
+            dev_ino = check_binary(f"/proc/{pinned.pid}/exe")
+        except TrustError as err:
+            raise TrustError(f"{name}: {err}", err.hint) from err
+        if dev_ino != (pinned.exe_dev, pinned.exe_ino):
+            raise TrustError(f"{name}: its executable file was replaced")
+        return now
 
     async def _drop(self, path: Path, why: str) -> None:
         handle = self.handles.pop(path)
         await handle.conn.close()
+        handle.close_pidfd()
         logger.info("released %s: %s", path, why, extra={"CPRD_VM": handle.name})
         self._changed(handle, "removed")
 
@@ -200,6 +315,9 @@ class Inventory:
                 await self.scan()
             except CprdError as err:
                 logger.warning("inventory scan: %s", err)
+            except Exception:
+                # A bug must not end discovery for every VM: log it and scan again.
+                logger.exception("inventory scan failed")
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
@@ -215,4 +333,5 @@ class Inventory:
             self._task = None
         for handle in list(self.handles.values()):
             await handle.conn.close()
+            handle.close_pidfd()
         self.handles.clear()

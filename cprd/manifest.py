@@ -28,6 +28,8 @@ import yaml
 from cprd.config import safe_load
 from cprd.errors import ManifestError
 from cprd.plan import MigrationSettings
+from cprd.plan import safe_file_name as safe_file_name  # re-exported
+from cprd.trust import SYSTEM_DIRS
 
 VERSION = 1
 _CHECKSUM = re.compile(rb"\n# sha256: ([0-9a-f]{64})\n\Z")
@@ -71,6 +73,9 @@ class VMRecord:
     state_size: int | None = None  # set once the save completed and was fsynced
     outcome: Outcome = Outcome.PENDING
     reason: str = ""
+    #: the QEMU binary pinned at commit (st_dev, st_ino), checked again at restore
+    exe_dev: int | None = None
+    exe_ino: int | None = None
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -118,7 +123,13 @@ def boot_id() -> str:
 
 
 def ensure_state_dir(path: Path) -> None:
-    """Create state_dir 0700 if missing; refuse a symlink or a directory others own."""
+    """Create state_dir 0700 if missing; refuse a symlink, a directory others own, or a
+    system directory (which cprd never chmods)."""
+    if os.path.normpath(path) in SYSTEM_DIRS:
+        raise ManifestError(
+            f"state_dir {path} is a system directory: refused",
+            "give state_dir (and the manifest) a directory of its own, e.g. /var/lib/cprd",
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(path, 0o700)
@@ -139,13 +150,29 @@ def ensure_state_dir(path: Path) -> None:
         os.chmod(path, 0o700)
 
 
-def safe_file_name(name: str) -> str:
-    """A file name for VM ``name``: its own name when harmless, else a hashed form."""
-    if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}", name):
-        return name
-    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
-    tame = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip("._-")[:40]
-    return f"{tame}-{digest}" if tame else digest
+def in_state_dir(path: str | Path, state_dir: Path) -> bool:
+    """Whether ``path`` names a file directly inside ``state_dir`` (no ``..``, no
+    symlinked directory in between): the only place cprd creates or deletes a file a
+    manifest names."""
+    text = str(path)
+    if not text.startswith("/") or "\0" in text:
+        return False
+    if os.path.normpath(text) != text:
+        return False
+    parent, base = os.path.split(text)
+    if base in ("", ".", "..") or base.startswith("."):
+        return False
+    return os.path.realpath(parent) == os.path.realpath(state_dir) and (
+        os.path.normpath(parent) == os.path.normpath(state_dir)
+    )
+
+
+def require_in_state_dir(path: str | Path, state_dir: Path, what: str) -> None:
+    if not in_state_dir(path, state_dir):
+        raise ManifestError(
+            f"{what} {path} is not inside state_dir {state_dir}: refused",
+            "a manifest may only name files in state_dir",
+        )
 
 
 def create_private(path: Path) -> None:
@@ -213,6 +240,11 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 "agent_socket": r.agent_socket,
                 "in_place": [dataclasses.asdict(f) for f in r.in_place],
                 "restore": {"outcome": r.outcome.value, "reason": r.reason},
+                **(
+                    {"executable_pin": {"dev": r.exe_dev, "ino": r.exe_ino}}
+                    if r.exe_dev is not None and r.exe_ino is not None
+                    else {}
+                ),
             }
             for r in m.vms
         ],
@@ -286,6 +318,13 @@ def from_dict(data: object, source: str) -> Manifest:
                 )
             )
         agent = v.get("agent_socket")
+        pin = v.get("executable_pin")
+        exe_dev = exe_ino = None
+        if pin is not None:
+            if not isinstance(pin, dict):
+                raise r.fail(f"{p}executable_pin", "not a mapping")
+            exe_dev = r.get(pin, "dev", int, f"{p}executable_pin.")
+            exe_ino = r.get(pin, "ino", int, f"{p}executable_pin.")
         vms.append(
             VMRecord(
                 name=r.get(v, "name", str, p),
@@ -304,6 +343,8 @@ def from_dict(data: object, source: str) -> Manifest:
                 state_size=size,
                 outcome=r.enum(Outcome, restore, "outcome", f"{p}restore."),
                 reason=str(restore.get("reason", "")),
+                exe_dev=exe_dev,
+                exe_ino=exe_ino,
             )
         )
     names = [v.name for v in vms]
@@ -375,8 +416,20 @@ def read(path: Path) -> Manifest:
     except OSError as err:
         raise ManifestError(f"manifest {path}: cannot open: {err.strerror}") from err
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise ManifestError(f"manifest {path} is not a regular file: refused")
+        if st.st_uid != os.geteuid():
+            raise ManifestError(
+                f"manifest {path} is owned by uid {st.st_uid}, not by cprd: refused",
+                "only a manifest cprd wrote is restored",
+            )
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ManifestError(
+                f"manifest {path} is writable by group or others "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}): refused",
+                "only a manifest cprd wrote is restored",
+            )
         chunks = []
         while chunk := os.read(fd, 1 << 20):
             chunks.append(chunk)

@@ -7,6 +7,8 @@ does I/O; the tests feed it plain data.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,12 +196,39 @@ def space_problem(plans: Iterable[VMPlan], free_bytes: int, margin_bytes: int) -
     return None
 
 
+_TAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+_HASHED = re.compile(r"(?:.*-)?[0-9a-f]{12}")
+
+
+def safe_file_name(name: str) -> str:
+    """A file name for VM ``name``: its own name when harmless, else a hashed form.
+
+    Injective up to a 48-bit hash collision: a tame name that looks like a hashed form
+    (ends in ``-`` and 12 hex digits) is hashed too, so ``x y`` (``x_y-<hash>``) and a
+    VM named ``x_y-<hash>`` never share a state file."""
+    if _TAME.fullmatch(name) and not _HASHED.fullmatch(name):
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    tame = re.sub(r"[^A-Za-z0-9_.+-]", "_", name).lstrip("._-")[:40]
+    return f"{tame}-{digest}" if tame else digest
+
+
 def duplicate_names(facts: Iterable[VMFacts]) -> dict[str, str]:
+    """VMs that share a name, or a state file name (refused at check and prepare)."""
     seen: dict[str, str] = {}
+    files: dict[str, str] = {}
     problems: dict[str, str] = {}
     for f in facts:
         if f.name in seen:
             problems[f.name] = f"two VMs share this name ({seen[f.name]} and {f.qmp_socket})"
+        else:
+            file = safe_file_name(f.name)
+            if file in files:
+                problems[f.name] = (
+                    f"its state file name {file!r} is also that of VM {files[file]!r}: "
+                    "rename one of them (-name)"
+                )
+            files.setdefault(file, f.name)
         seen[f.name] = f.qmp_socket
     return problems
 

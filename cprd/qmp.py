@@ -14,8 +14,9 @@ import logging
 import socket
 import struct
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 from qemu.qmp.error import QMPError as _LibQMPError
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 
+T = TypeVar("T")
 Event = dict[str, Any]
 EventCallback = Callable[[Event], None]
 
@@ -39,11 +41,54 @@ class _Stream(EventListener):
             await self._queue.put(event)
 
 
+@dataclass(frozen=True)
+class PeerCred:
+    """SO_PEERCRED of a UNIX socket: the listener's pid, uid and gid at ``listen()``."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    """The credentials of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return PeerCred(int(pid), int(uid), int(gid))
+
+
 def peer_pid(sock: socket.socket) -> int:
     """The pid of the process at the other end of a UNIX socket (SO_PEERCRED)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+    return peer_cred(sock).pid
+
+
+#: Called with the peer's credentials before the QMP greeting is read; raises to refuse.
+PeerCheck = Callable[[PeerCred], None]
+
+
+# --- typed access to QEMU's replies: QEMU's output is data, never trusted structure -----
+
+
+def expect(value: object, kind: type[T], what: str) -> T:
+    """``value`` if it is a ``kind`` (bool is not an int), else QMPError."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise QMPError(f"malformed QMP reply: {what}: expected {kind.__name__}, got {_show(value)}")
+    return value
+
+
+def field(data: object, key: str, kind: type[T], what: str, default: T | None = None) -> T:
+    """``data[key]`` checked to be a ``kind``; ``default`` when absent (if given)."""
+    mapping = expect(data, dict, what)
+    if key not in mapping:
+        if default is not None:
+            return default
+        raise QMPError(f"malformed QMP reply: {what}: no {key!r}")
+    return expect(mapping[key], kind, f"{what}.{key}")
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return (text[:60] + "...") if len(text) > 60 else text
 
 
 class QMPConnection:
@@ -57,6 +102,7 @@ class QMPConnection:
         self.path = path
         self.name = name or path.stem
         self.pid = 0
+        self.cred = PeerCred(0, -1, -1)
         self.version: tuple[int, int, int] = (0, 0, 0)
         self.package = ""
         self.closed = asyncio.Event()
@@ -70,19 +116,34 @@ class QMPConnection:
 
     @classmethod
     async def open(
-        cls, path: Path, name: str | None = None, timeout: float = DEFAULT_TIMEOUT
+        cls,
+        path: Path,
+        name: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        check: PeerCheck | None = None,
     ) -> QMPConnection:
         conn = cls(path, name)
-        await conn.connect(timeout)
+        await conn.connect(timeout, check)
         return conn
 
-    async def connect(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+    async def connect(
+        self, timeout: float = DEFAULT_TIMEOUT, check: PeerCheck | None = None
+    ) -> None:
+        """Connect; ``check`` sees the peer's credentials first and may refuse it (its
+        exception is raised as is, after the socket is closed)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         try:
             await asyncio.wait_for(loop.sock_connect(sock, str(self.path)), timeout)
-            self.pid = peer_pid(sock)
+            self.cred = peer_cred(sock)
+            self.pid = self.cred.pid
+            if check is not None:
+                try:
+                    check(self.cred)
+                except BaseException:
+                    sock.close()
+                    raise
             # A second client gets no greeting until the first one leaves: the timeout
             # turns "somebody else holds this monitor" into an error instead of a hang.
             await asyncio.wait_for(self._client.connect(sock), timeout)
@@ -95,15 +156,29 @@ class QMPConnection:
         except (OSError, _LibQMPError) as err:
             sock.close()
             raise QMPError(f"{self.path}: cannot connect: {err}") from err
-        greeting = self._client.greeting
-        if greeting is not None:
-            qemu = greeting.QMP.version["qemu"]
-            assert isinstance(qemu, Mapping)
-            self.version = (int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"]))
-            self.package = str(greeting.QMP.version.get("package", ""))
+        try:
+            self._read_greeting()
+        except QMPError:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.disconnect(), 5)
+            raise
         self._pump = asyncio.create_task(self._pump_events(), name=f"qmp-events-{self.name}")
         self._watch = asyncio.create_task(self._watch_state(), name=f"qmp-watch-{self.name}")
         logger.debug("connected to %s (pid %d, QEMU %s)", self.path, self.pid, self.version_str)
+
+    def _read_greeting(self) -> None:
+        greeting = self._client.greeting
+        if greeting is None:
+            return
+        what = f"{self.path}: greeting"
+        version = field(greeting._asdict().get("QMP"), "version", dict, what)
+        qemu = field(version, "qemu", dict, f"{what}.version")
+        self.version = (
+            field(qemu, "major", int, f"{what}.qemu"),
+            field(qemu, "minor", int, f"{what}.qemu"),
+            field(qemu, "micro", int, f"{what}.qemu"),
+        )
+        self.package = field(version, "package", str, f"{what}.version", "")
 
     @property
     def version_str(self) -> str:

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from cprd import manifest as mf
 from cprd.config import Config
-from cprd.errors import CprdError, ManifestError, QMPError, RestoreError
+from cprd.errors import CprdError, ManifestError, QMPError, RestoreError, TrustError
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Manifest, Outcome, Phase, VMRecord
 from cprd.qmp import QMPConnection
+from cprd.trust import check_binary
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +79,14 @@ def _pin_machine(value: str, machine_type: str) -> str:
     return ",".join(parts)
 
 
-def check_files(rec: VMRecord) -> None:
-    """Refuse a VM whose state would be incomplete; RestoreError with one line."""
+def check_files(rec: VMRecord, state_dir: Path) -> None:
+    """Refuse a VM whose state would be incomplete, whose state file lies outside
+    state_dir, or whose QEMU binary is not the one pinned at commit; RestoreError."""
+    if not mf.in_state_dir(rec.state_file, state_dir):
+        raise RestoreError(
+            f"{rec.name}: state file {rec.state_file} is not inside state_dir {state_dir}: "
+            "refused (a manifest may only name files in state_dir)"
+        )
     if rec.state_size is None:
         raise RestoreError(f"{rec.name}: never saved completely: refusing to start it")
     try:
@@ -99,6 +106,15 @@ def check_files(rec: VMRecord) -> None:
         )
     if not os.access(rec.executable, os.X_OK):
         raise RestoreError(f"{rec.name}: QEMU executable {rec.executable} is missing")
+    try:
+        pinned = check_binary(rec.executable)
+    except TrustError as err:
+        raise RestoreError(f"{rec.name}: {err}") from err
+    if rec.exe_dev is not None and pinned != (rec.exe_dev, rec.exe_ino):
+        raise RestoreError(
+            f"{rec.name}: QEMU executable {rec.executable} is not the file pinned at commit "
+            "(replaced since): refused"
+        )
     for f in rec.in_place:
         try:
             st = os.stat(f.path)
@@ -164,7 +180,8 @@ class Restorer:
                 await self._fail(rec, str(err).removeprefix(f"{rec.name}: "))
             else:
                 await self._record(rec.replace(outcome=Outcome.RESTORED, reason=final))
-                if not self.config.restore.keep_state_files:
+                keep = self.config.restore.keep_state_files
+                if not keep and mf.in_state_dir(rec.state_file, self.config.state_dir):
                     with contextlib.suppress(OSError):
                         os.unlink(rec.state_file)
 
@@ -183,7 +200,7 @@ class Restorer:
 
     async def restore_vm(self, rec: VMRecord) -> str:
         """Relaunch one VM from its state file; return its final runstate."""
-        check_files(rec)
+        check_files(rec, self.config.state_dir)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)

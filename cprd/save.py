@@ -23,7 +23,7 @@ from pathlib import Path
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import AgentError, CprdError, PreflightError, QMPError, SaveError, StateError
-from cprd.inventory import Inventory, VMHandle
+from cprd.inventory import Inventory, VMHandle, pin_record
 from cprd.launch import Launcher
 from cprd.log import Event, emit
 from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
@@ -507,6 +507,8 @@ class Saver:
                 raise StateError(
                     f"{rec.name}: runstate {status!r}, not postmigrate: not committing"
                 )
+            rec = pin_record(self.inventory, handle, rec)  # TrustError if it changed
+            manifest = manifest.with_vm(rec)
             handles.append((rec, handle))
         manifest = manifest.replace(phase=Phase.COMMITTED)
         mf.write(self.manifest_path, manifest)

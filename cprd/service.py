@@ -22,9 +22,10 @@ from dbus_fast.errors import DBusError
 from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
 
 from cprd import controller as ctl
+from cprd import manifest as mf
 from cprd.controller import Controller, InvalidArgument, PrepareOptions
 from cprd.errors import CprdError
-from cprd.vm import VMFacts
+from cprd.vm import VMFacts, redact_argv
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +142,22 @@ class Manager(ServiceInterface):
 
     @dbus_method()
     async def GetManifest(self) -> DBusStr:
+        """The manifest, secrets redacted (BusGlue answers root's calls unredacted)."""
+
         async def text() -> str:
-            return self.controller.manifest_text()
+            return self.manifest_text(redact=True)
 
         return await dbus_errors(text())
+
+    def manifest_text(self, redact: bool) -> str:
+        """The manifest; with ``redact``, every argv's secret values replaced."""
+        text = self.controller.manifest_text()
+        if not redact:
+            return text
+        manifest = mf.loads(text.encode(), str(self.controller.manifest_path))
+        return mf.dumps(
+            manifest.replace(vms=tuple(r.replace(argv=redact_argv(r.argv)) for r in manifest.vms))
+        ).decode()
 
     # --- properties and signals -----------------------------------------------------------
 
@@ -342,6 +355,23 @@ class BusGlue:
             logger.info("logind: %s under way: cprd does nothing", kind or "shutdown")
         self.release_inhibitor()
 
+    # --- GetManifest: the full text for root only ----------------------------------------------
+
+    async def _get_manifest(self, msg: Message) -> None:
+        """Answer GetManifest: unredacted for uid 0, secrets redacted for anyone else
+        (the bus policy lets group cprd read it)."""
+        try:
+            try:
+                reply = await self._driver("GetConnectionUnixUser", "s", [msg.sender])
+                root = int(reply.body[0]) == 0
+            except (CprdError, TimeoutError):
+                root = False
+            text = self.manager.manifest_text(redact=not root)
+        except CprdError as err:
+            self.bus.send(Message.new_error(msg, ERROR_PREFIX + err.dbus_name, err.message))
+            return
+        self.bus.send(Message.new_method_return(msg, "s", [text]))
+
     # --- the broadcast signal -----------------------------------------------------------------
 
     async def _on_broadcast(self, sender: str, options: Mapping[str, Any]) -> None:
@@ -356,6 +386,16 @@ class BusGlue:
             await self.manager.prepare(options)
 
     def _on_message(self, msg: Message) -> bool:
+        if (
+            msg.message_type == MessageType.METHOD_CALL
+            and msg.interface == IFACE
+            and msg.member == "GetManifest"
+            and msg.path == PATH
+            and msg.signature == ""
+            and msg.sender
+        ):
+            self._spawn(self._get_manifest(msg))
+            return True
         if msg.message_type != MessageType.SIGNAL:
             return False
         if msg.interface == IFACE and msg.member == "PrepareKexec" and msg.signature == "a{sv}":

@@ -36,6 +36,7 @@ from cprd.plan import transfer_path
 from cprd.qmp import QMPConnection
 from cprd.restore import Restorer, relaunch_argv
 from cprd.save import Saver, wait_exit
+from cprd.trust import check_binary
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,30 @@ ProgressCallback = Callable[[str, str, int, int], None]
 _VERSION = re.compile(r"version (\d+)\.(\d+)\.(\d+)")
 
 
+#: uid and gid that run ``qemu --version``: nobody, without capabilities.
+NOBODY = 65534
+
+
 def qemu_version(executable: str) -> tuple[int, int, int]:
-    """The version of a QEMU binary on disk (``--version``; argv as a list)."""
+    """The version of a QEMU binary on disk (``--version``).
+
+    Only a root-owned binary that group and others cannot write is run, as nobody (no
+    capabilities: a non-root process gets none without ambient ones), with an empty
+    environment, no shell and its argv as a list."""
+    check_binary(executable)
     try:
         out = subprocess.run(
-            [executable, "--version"], capture_output=True, text=True, timeout=30, check=False
+            [executable, "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+            user=NOBODY,
+            group=NOBODY,
+            extra_groups=[],
+            env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"},
+            cwd="/",
+            stdin=subprocess.DEVNULL,
         )
     except OSError as err:
         raise LaunchError(f"cannot run {executable}: {err.strerror}") from err
@@ -91,9 +111,12 @@ class Upgrader:
         self.blackout: dict[str, float] = {}
 
     async def paths(
-        self, names: list[str] | None, binary: str | None
+        self, names: list[str] | None, binary: str | None, probe: bool = True
     ) -> list[tuple[VMHandle, str, bool, str]]:
-        """Per VM: (handle, new executable, cpr-transfer?, why)."""
+        """Per VM: (handle, new executable, cpr-transfer?, why).
+
+        Without ``probe`` (Check) no binary is run: the new version is taken to be the
+        running one, which QEMU reported over QMP."""
         await self.inventory.scan()
         handles = self.inventory.vms()
         if names:
@@ -106,7 +129,9 @@ class Upgrader:
         out = []
         for handle in handles:
             exe = binary or handle.facts.executable
-            if exe not in versions:
+            if not probe:
+                versions[exe] = handle.facts.qemu_version
+            elif exe not in versions:
                 versions[exe] = qemu_version(exe)
             ok, why = transfer_path(handle.facts, versions[exe])
             out.append((handle, exe, ok, why))
@@ -152,6 +177,8 @@ class Upgrader:
         new: QMPConnection | None = None
         migrating = False
         try:
+            self.inventory.verify(handle)
+            check_binary(exe)
             old_inode = _inode(qmp_path)
             self.progress(name, "launching", 0, 0)
             process = await self.launcher.launch(
@@ -322,8 +349,16 @@ class Upgrader:
         try:
             manifest = await saver.commit()
             exe = {h.name: e for h, e in vms}
+            pinned = {name: check_binary(path) for name, path in exe.items()}
             manifest = manifest.replace(
-                vms=tuple(r.replace(executable=exe[r.name]) for r in manifest.vms)
+                vms=tuple(
+                    r.replace(
+                        executable=exe[r.name],
+                        exe_dev=pinned[r.name][0],
+                        exe_ino=pinned[r.name][1],
+                    )
+                    for r in manifest.vms
+                )
             )
             mf.write(self.config.manifest_path, manifest)
             restored = await Restorer(

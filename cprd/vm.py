@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cprd.errors import QMPError
-from cprd.qmp import QMPConnection
+from cprd.errors import QMPError, TrustError
+from cprd.qmp import QMPConnection, expect, field
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class VMFacts:
     agent_socket: str | None = None
     agent_reachable: bool = False
     aux_ram_share: bool = False  # -machine aux-ram-share=on (needed by cpr-transfer)
+    #: the process as found at discovery: compared again before commit
+    identity: ProcIdentity | None = None
 
     @property
     def ram_bytes(self) -> int:
@@ -114,6 +117,56 @@ class VMFacts:
 
 
 # --- /proc ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcIdentity:
+    """What makes a QEMU process the one cprd inspected: re-read before commit."""
+
+    pid: int
+    argv: tuple[str, ...]
+    exe_dev: int
+    exe_ino: int
+    uids: tuple[int, ...]  # real, effective, saved, filesystem
+    gids: tuple[int, ...]
+
+    def changes(self, now: ProcIdentity) -> list[str]:
+        """What differs in ``now`` (pure)."""
+        out = []
+        if now.pid != self.pid:
+            out.append(f"pid {self.pid} -> {now.pid}")
+        if now.argv != self.argv:
+            out.append("its command line changed")
+        if (now.exe_dev, now.exe_ino) != (self.exe_dev, self.exe_ino):
+            out.append("its executable file was replaced")
+        if now.uids != self.uids or now.gids != self.gids:
+            out.append(f"its credentials changed (uids {self.uids} -> {now.uids})")
+        return out
+
+
+def _status_ids(status: str, key: str) -> tuple[int, ...]:
+    for line in status.splitlines():
+        if line.startswith(key + ":"):
+            return tuple(int(v) for v in line.split()[1:])
+    raise TrustError(f"/proc status has no {key} line")
+
+
+def read_identity(pid: int) -> ProcIdentity:
+    """The identity of process ``pid`` from /proc (argv, executable inode, credentials)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        argv = read_argv(pid)
+        st = os.stat(f"/proc/{pid}/exe")
+    except OSError as err:
+        raise TrustError(f"QEMU pid {pid}: cannot read /proc: {err.strerror}") from err
+    return ProcIdentity(
+        pid=pid,
+        argv=argv,
+        exe_dev=st.st_dev,
+        exe_ino=st.st_ino,
+        uids=_status_ids(status, "Uid"),
+        gids=_status_ids(status, "Gid"),
+    )
 
 
 def read_argv(pid: int) -> tuple[str, ...]:
@@ -167,10 +220,10 @@ async def _qom_children(conn: QMPConnection, path: str) -> list[tuple[str, str]]
     except QMPError:
         return []
     out = []
-    for prop in props:
-        kind = str(prop.get("type", ""))
+    for prop in expect(props, list, f"qom-list {path}"):
+        kind = field(prop, "type", str, f"qom-list {path}[]")
         if kind.startswith("child<") and kind.endswith(">"):
-            out.append((str(prop["name"]), kind[6:-1]))
+            out.append((field(prop, "name", str, f"qom-list {path}[]"), kind[6:-1]))
     return out
 
 
@@ -192,24 +245,26 @@ async def memory_backends(conn: QMPConnection, pid: int) -> tuple[Backend, ...]:
     except OSError:
         mountinfo = ""
     out = []
-    for dev in memdevs:
-        dev_id = str(dev["id"])
+    for dev in expect(memdevs, list, "query-memdev"):
+        dev_id = field(dev, "id", str, "query-memdev[]")
         qom_type = types.get(dev_id, "memory-backend-ram")
         mem_path: str | None = None
         if qom_type == "memory-backend-file":
-            mem_path = str(
+            mem_path = expect(
                 await conn.execute(
                     "qom-get", {"path": f"/objects/{dev_id}", "property": "mem-path"}
-                )
+                ),
+                str,
+                f"mem-path of {dev_id}",
             )
-        share = bool(dev.get("share", False))
+        share = field(dev, "share", bool, f"query-memdev {dev_id}", False)
         fstype = fstype_of(mem_path, mountinfo) if mem_path else None
         is_dax = bool(mem_path) and _is_dax(str(mem_path))
         out.append(
             Backend(
                 id=dev_id,
                 qom_type=qom_type,
-                size=int(dev["size"]),
+                size=field(dev, "size", int, f"query-memdev {dev_id}"),
                 share=share,
                 mem_path=mem_path,
                 fstype=fstype,
@@ -217,6 +272,77 @@ async def memory_backends(conn: QMPConnection, pid: int) -> tuple[Backend, ...]:
             )
         )
     return tuple(out)
+
+
+# --- secrets in argv ---------------------------------------------------------------------
+
+#: Option keys whose values are secrets (or name the secret object holding one).
+SECRET_KEYS = frozenset(
+    {"password", "passwordid", "password-secret", "passphrase", "key-secret", "iv", "psk"}
+)
+REDACTED = "<redacted>"
+
+
+def _segments(text: str) -> list[str]:
+    """QEMU's comma-separated options, ``,,`` being an escaped comma (kept as is)."""
+    out: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                cur.append(",,")
+                i += 2
+                continue
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(text[i])
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _redact_json(value: Any, secret_object: bool = False) -> Any:
+    if isinstance(value, dict):
+        is_secret = secret_object or value.get("qom-type") == "secret"
+        return {
+            k: REDACTED
+            if k.rsplit(".", 1)[-1] in SECRET_KEYS or (is_secret and k == "data")
+            else _redact_json(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_redact_json(v) for v in value]
+    return value
+
+
+def redact_arg(arg: str) -> str:
+    """One argv element with secret values replaced by ``<redacted>`` (pure): a
+    ``secret`` object's ``data=``, and ``password=``, ``passwordid=`` and the like."""
+    if arg.startswith("{"):
+        try:
+            parsed = json.loads(arg)
+        except ValueError:
+            return arg
+        return json.dumps(_redact_json(parsed), separators=(",", ":"))
+    if "=" not in arg:
+        return arg
+    parts = _segments(arg)
+    is_secret = parts[0] == "secret" or "qom-type=secret" in parts
+    out = []
+    for part in parts:
+        key, eq, _value = part.partition("=")
+        last = key.rsplit(".", 1)[-1]
+        if eq and (last in SECRET_KEYS or (is_secret and last == "data")):
+            part = f"{key}={REDACTED}"
+        out.append(part)
+    return ",".join(out)
+
+
+def redact_argv(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``argv`` fit for a reader who is not root (pure)."""
+    return tuple(redact_arg(a) for a in argv)
 
 
 def vm_name(argv: tuple[str, ...], socket_path: Path) -> str:
@@ -244,13 +370,28 @@ def vm_name(argv: tuple[str, ...], socket_path: Path) -> str:
 async def inspect(
     conn: QMPConnection, agent_socket: Path | None = None, agent_reachable: bool = False
 ) -> VMFacts:
-    """Everything the planner needs about the QEMU behind ``conn``."""
-    argv = read_argv(conn.pid)
-    status = await conn.execute("query-status")
-    machine = str(await conn.execute("qom-get", {"path": "/machine", "property": "type"}))
+    """Everything the planner needs about the QEMU behind ``conn``.
+
+    Every field of every reply is type-checked: a malformed reply is a QMPError."""
+    identity = read_identity(conn.pid)
+    argv = identity.argv
+    version = await conn.execute("query-version")
+    qemu = field(version, "qemu", dict, "query-version")
+    qemu_version = (
+        field(qemu, "major", int, "query-version.qemu"),
+        field(qemu, "minor", int, "query-version.qemu"),
+        field(qemu, "micro", int, "query-version.qemu"),
+    )
+    status = field(await conn.execute("query-status"), "status", str, "query-status")
+    machine = expect(
+        await conn.execute("qom-get", {"path": "/machine", "property": "type"}),
+        str,
+        "qom-get /machine type",
+    )
     current = await conn.execute("query-current-machine")
-    caps = await conn.execute("query-migrate-capabilities")
+    caps = expect(await conn.execute("query-migrate-capabilities"), list, "capabilities")
     migrate = await conn.execute("query-migrate")
+    blockers = field(migrate, "blocked-reasons", list, "query-migrate", [])
     try:
         aux = await conn.execute("qom-get", {"path": "/machine", "property": "aux-ram-share"})
     except QMPError:  # QEMU before 10.0
@@ -261,15 +402,20 @@ async def inspect(
         pid=conn.pid,
         argv=argv,
         executable=read_executable(conn.pid),
-        qemu_version=conn.version,
+        qemu_version=qemu_version,
         machine_type=machine.removesuffix("-machine"),
-        runstate=str(status["status"]),
+        runstate=status,
         vfio_devices=await vfio_devices(conn),
         backends=await memory_backends(conn, conn.pid),
-        wakeup_suspend_support=bool(current.get("wakeup-suspend-support", False)),
-        migration_capabilities=tuple(str(c["capability"]) for c in caps),
-        migration_blockers=tuple(str(r) for r in migrate.get("blocked-reasons", [])),
+        wakeup_suspend_support=field(
+            current, "wakeup-suspend-support", bool, "query-current-machine", False
+        ),
+        migration_capabilities=tuple(
+            field(c, "capability", str, "query-migrate-capabilities[]") for c in caps
+        ),
+        migration_blockers=tuple(expect(r, str, "blocked-reasons[]") for r in blockers),
         agent_socket=str(agent_socket) if agent_socket else None,
         agent_reachable=agent_reachable,
-        aux_ram_share=bool(aux),
+        aux_ram_share=expect(aux, bool, "aux-ram-share"),
+        identity=identity,
     )

@@ -23,7 +23,8 @@ def test_full_config() -> None:
         """
 state_dir: /srv/cprd
 manifest: /srv/cprd/m.yaml
-discovery: {qmp_sockets: ["/run/q/*.sock", "/run/r/*.qmp"], agent_socket: "/run/qga/{name}.sock"}
+discovery: {qmp_sockets: ["/run/q/*.sock", "/run/r/*.qmp"], agent_socket: "/run/qga/{name}.sock",
+            trusted_uids: [107]}
 vms:
   web1: {agent: /run/qga/w.sock, suspend: always}
   db: {suspend: never}
@@ -34,6 +35,8 @@ restore: {launcher: systemd, keep_state_files: true}
     assert c.state_dir == Path("/srv/cprd")
     assert c.manifest_path == Path("/srv/cprd/m.yaml")
     assert c.discovery.qmp_sockets == ("/run/q/*.sock", "/run/r/*.qmp")
+    assert c.discovery.trusted_uids == (107,)
+    assert config.Config().discovery.trusted_uids == ()
     assert c.vm("web1").suspend is Suspend.ALWAYS
     assert c.vm("db").suspend is Suspend.NEVER
     assert c.vm("other").suspend is Suspend.AUTO
@@ -83,7 +86,19 @@ ERRORS = [
     ),
     (
         "discovery: {sockets: []}",
-        "discovery.sockets: unknown key (known keys: qmp_sockets, agent_socket)",
+        "discovery.sockets: unknown key (known keys: qmp_sockets, agent_socket, trusted_uids)",
+    ),
+    (
+        "discovery: {trusted_uids: 1000}",
+        "discovery.trusted_uids: expected a list of uids, got 1000 (int)",
+    ),
+    (
+        "discovery: {trusted_uids: [1000, '1001']}",
+        "discovery.trusted_uids[1]: expected a uid (an integer from 1), got '1001'",
+    ),
+    (
+        "discovery: {trusted_uids: [0]}",
+        "discovery.trusted_uids[0]: expected a uid (an integer from 1), got 0 (int)",
     ),
     ("save: {concurrency: 0}", "save.concurrency: expected an integer between 1 and 256, got 0"),
     ("save: {concurrency: '4'}", "save.concurrency: expected an integer, got '4'"),

@@ -62,7 +62,7 @@ def assert_invariant(vms: list[GuestVM], cfg: config.Config) -> None:
         rec = saved.get(str(vm.qmp_path))
         assert rec is not None, f"{vm.name}: runstate {state!r} and not saved in a manifest"
         assert rec.state_size is not None and rec.state_size > 0, rec
-        check_files(rec)  # complete state file, executable, in-place memory
+        check_files(rec, cfg.state_dir)  # complete state file, executable, in-place memory
         assert state in (None, "postmigrate"), f"{vm.name}: saved but runstate {state!r}"
 
 

@@ -174,25 +174,25 @@ def test_relaunch_argv_pins_machine_and_defers_incoming() -> None:
 def test_check_files_refusals(tmp_path: Path) -> None:
     rec = record(tmp_path)
     with pytest.raises(RestoreError) as err:
-        check_files(rec)
+        check_files(rec, tmp_path)
     assert str(err.value) == f"web1: state file {tmp_path}/web1.state is missing"
     Path(rec.state_file).write_bytes(b"abcd")
     with pytest.raises(RestoreError) as err:
-        check_files(rec)
+        check_files(rec, tmp_path)
     assert str(err.value) == f"web1: state file {tmp_path}/web1.state has 4 bytes, expected 3"
     Path(rec.state_file).write_bytes(b"abc")
     with pytest.raises(RestoreError) as err:
-        check_files(rec)
+        check_files(rec, tmp_path)
     assert str(err.value).startswith(f"web1: in-place memory {tmp_path}/ram0 (ram0) is gone")
     Path(f"{tmp_path}/ram0").write_bytes(b"\0" * 4096)
-    check_files(rec)
+    check_files(rec, tmp_path)
     with pytest.raises(RestoreError) as err:
-        check_files(rec.replace(executable="/nonexistent/qemu"))
+        check_files(rec.replace(executable="/nonexistent/qemu"), tmp_path)
     assert str(err.value) == "web1: QEMU executable /nonexistent/qemu is missing"
     with pytest.raises(RestoreError, match="never saved completely"):
-        check_files(rec.replace(state_size=None))
+        check_files(rec.replace(state_size=None), tmp_path)
     os.unlink(rec.state_file)
     os.symlink(f"{tmp_path}/ram0", rec.state_file)
     with pytest.raises(RestoreError, match="is a symlink: refused"):
-        check_files(rec)
+        check_files(rec, tmp_path)
     assert rec.outcome is Outcome.PENDING
