@@ -76,11 +76,22 @@ class VMHandle:
 
 def pin_record(inventory: Inventory, handle: VMHandle, rec: VMRecord) -> VMRecord:
     """Before commit quits a QEMU: refuse it unless it is still the process cprd
-    inspected (:meth:`Inventory.verify`); return ``rec`` with its binary pinned."""
+    inspected (:meth:`Inventory.verify`), with the argv recorded at prepare, and the
+    file at its executable path the one pinned at prepare (root-owned, not writable by
+    group or others); return ``rec`` with that binary pinned."""
     identity = inventory.verify(handle)
     if identity.argv != rec.argv:
         raise TrustError(f"{rec.name}: its command line is not the one recorded at prepare")
-    return rec.replace(exe_dev=identity.exe_dev, exe_ino=identity.exe_ino)
+    try:
+        binary = check_binary(rec.executable)
+    except TrustError as err:
+        raise TrustError(f"{rec.name}: {err}", err.hint) from err
+    if rec.exe_dev is not None and binary != (rec.exe_dev, rec.exe_ino):
+        raise TrustError(
+            f"{rec.name}: its executable file {rec.executable} was replaced since prepare",
+            "check the host; `cprdctl resume` puts the VMs back",
+        )
+    return rec.replace(exe_dev=binary[0], exe_ino=binary[1])
 
 
 @dataclass

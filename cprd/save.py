@@ -243,6 +243,8 @@ class Saver:
             in_place=tuple(
                 InPlaceFile(b.id, b.mem_path or "", b.size) for b in plan.in_place_backends
             ),
+            exe_dev=f.binary[0] if f.binary else None,
+            exe_ino=f.binary[1] if f.binary else None,
         )
         return _Work(handle, plan, record)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from cprd.errors import QMPError, TrustError
 from cprd.qmp import QMPConnection, expect, field
+from cprd.trust import check_binary
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class VMFacts:
     aux_ram_share: bool = False  # -machine aux-ram-share=on (needed by cpr-transfer)
     #: the process as found at discovery: compared again before commit
     identity: ProcIdentity | None = None
+    #: (st_dev, st_ino) of the file at ``executable``, the one a restore would start:
+    #: recorded at prepare, checked at commit and at restore
+    binary: tuple[int, int] | None = None
 
     @property
     def ram_bytes(self) -> int:
@@ -375,6 +379,8 @@ async def inspect(
     Every field of every reply is type-checked: a malformed reply is a QMPError."""
     identity = read_identity(conn.pid)
     argv = identity.argv
+    executable = read_executable(conn.pid)
+    binary = check_binary(executable)
     version = await conn.execute("query-version")
     qemu = field(version, "qemu", dict, "query-version")
     qemu_version = (
@@ -401,7 +407,7 @@ async def inspect(
         qmp_socket=str(conn.path),
         pid=conn.pid,
         argv=argv,
-        executable=read_executable(conn.pid),
+        executable=executable,
         qemu_version=qemu_version,
         machine_type=machine.removesuffix("-machine"),
         runstate=status,
@@ -418,4 +424,5 @@ async def inspect(
         agent_reachable=agent_reachable,
         aux_ram_share=expect(aux, bool, "aux-ram-share"),
         identity=identity,
+        binary=binary,
     )

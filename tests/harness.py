@@ -81,6 +81,8 @@ class GuestSpec:
     fill_mib: int = 0
     agent: bool = True
     extra_args: list[str] = dataclasses.field(default_factory=list)
+    #: the QEMU binary (default: CPRD_TEST_QEMU or qemu-system-x86_64 on PATH)
+    qemu: str | None = None
 
 
 @functools.cache
@@ -193,7 +195,7 @@ class GuestVM:
         append = f"console=ttyS0 quiet cprd.fill={spec.fill_mib}"
         machine = spec.machine
         argv = [
-            QEMU,
+            spec.qemu or QEMU,
             "-accel", "tcg",
             "-nodefaults",
             "-display", "none",
