@@ -209,6 +209,12 @@ class Inventory:
                 os.close(pidfd)
             self._backoff(path, str(err))
             return
+        except BaseException:
+            # A bug or a cancellation: do not keep the monitor (nor the pidfd) busy.
+            await conn.close()
+            if pidfd is not None:
+                os.close(pidfd)
+            raise
         self._retry.pop(path, None)
         conn.name = facts.name
         handle = VMHandle(conn, facts, pidfd=pidfd, identity=identity)

@@ -408,7 +408,7 @@ class Saver:
                 )
             return f"could not resume: {err}"
         finally:
-            if not w.stuck:
+            if not w.stuck and mf.in_state_dir(w.record.state_file, self.config.state_dir):
                 with contextlib.suppress(OSError):
                     os.unlink(w.record.state_file)
 
@@ -443,7 +443,7 @@ class Saver:
         for w in work:
             if w not in touched:
                 outcomes[w.plan.name] = "untouched, still " + w.handle.facts.runstate
-            if not w.stuck:
+            if not w.stuck and mf.in_state_dir(w.record.state_file, self.config.state_dir):
                 with contextlib.suppress(OSError):
                     os.unlink(w.record.state_file)
         for w in work:
