@@ -19,6 +19,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ from cprd.manifest import Manifest, Outcome, Phase, VMRecord
 from cprd.plan import MigrationSettings, safe_file_name
 from cprd.restore import Restorer, check_files
 from cprd.save import Saver
+from cprd.transfer import qemu_version
 from cprd.trust import binary_problem, dropped_uid, path_problem, peer_problem
 from cprd.vm import redact_arg, redact_argv
 
@@ -594,3 +596,25 @@ def test_group_member_sees_no_secret(
     full = daemon.ctl("manifest")
     assert full.returncode == 0 and mf.loads(full.stdout.encode(), "root").vms[0].argv == rec.argv
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+
+
+def test_upgrade_probe_runs_as_nobody_without_capabilities() -> None:
+    """``upgrade-qemu`` needs the version of the binary on disk: it is run as nobody, with
+    no capabilities and an empty environment, and only when root owns it."""
+    d = Path(tempfile.mkdtemp(prefix="cprdt-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        probe = d / "qemu-system-x86_64"
+        probe.write_text(
+            "#!/bin/sh\n"
+            "cap=$(awk '/^CapEff/ {print $2}' /proc/self/status)\n"
+            'echo "QEMU emulator version $(id -u).$((0x$cap)).${HOME:-0}"\n'
+        )
+        os.chmod(probe, 0o755)
+        assert qemu_version(str(probe)) == (NOBODY, 0, 0)
+        os.chown(probe, NOBODY, NOBODY)
+        with pytest.raises(TrustError) as err:
+            qemu_version(str(probe))
+        assert str(err.value) == f"QEMU binary refused: {probe} is owned by uid {NOBODY}, not root"
+    finally:
+        shutil.rmtree(d)
