@@ -30,6 +30,9 @@ RUNSTATE_EVENTS = frozenset(
     {"STOP", "RESUME", "SUSPEND", "WAKEUP", "SHUTDOWN", "RESET", "MIGRATION", "DEVICE_DELETED"}
 )
 BACKOFF_MAX = 30.0
+#: Least time between two scans woken by QMP events: a guest that storms RESET, SUSPEND
+#: or STOP events costs cprd at most this rate of re-inspections.
+EVENT_SCAN_INTERVAL = 0.5
 
 
 @dataclass
@@ -66,6 +69,8 @@ class Inventory:
     _retry: dict[Path, _Retry] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    #: one scan at a time: concurrent scans raced on the same sockets
+    _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Sockets left alone (a restore is talking to them: QMP serves one client at a time).
     exclude: set[Path] = field(default_factory=set)
 
@@ -90,6 +95,10 @@ class Inventory:
 
     async def scan(self) -> None:
         """One pass: connect new sockets, drop dead ones, refresh changed facts."""
+        async with self._scan_lock:
+            await self._scan()
+
+    async def _scan(self) -> None:
         present = set(self.sockets()) - self.exclude
         for path, handle in list(self.handles.items()):
             gone = path not in present and path not in self.exclude
@@ -159,7 +168,9 @@ class Inventory:
         retry.last_error = error
 
     async def _drop(self, path: Path, why: str) -> None:
-        handle = self.handles.pop(path)
+        handle = self.handles.pop(path, None)
+        if handle is None:
+            return
         await handle.conn.close()
         logger.info("released %s: %s", path, why, extra={"CPRD_VM": handle.name})
         self._changed(handle, "removed")
@@ -198,8 +209,11 @@ class Inventory:
         while True:
             try:
                 await self.scan()
-            except CprdError as err:
-                logger.warning("inventory scan: %s", err)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the inventory task never dies of one bad scan
+                logger.warning("inventory scan: %s", err or type(err).__name__)
+            await asyncio.sleep(EVENT_SCAN_INTERVAL)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
