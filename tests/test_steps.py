@@ -15,6 +15,7 @@ import pytest
 from cprd.steps import (
     COMPLETE,
     Action,
+    Decision,
     Facts,
     Intent,
     Qemu,
@@ -140,7 +141,7 @@ class Model:
             return Seen(self.qemu, state_complete=self.complete)
         return Seen(self.qemu, self.runstate, self.migration, self.complete)
 
-    def act(self, d: Decision) -> None:  # noqa: C901 - one branch per action
+    def act(self, d: Decision) -> None:
         if d.to is not None:
             self.step = d.to
         a = d.action
@@ -173,8 +174,6 @@ class Model:
                 self.runstate = "postmigrate"
                 self.migration = "completed"
 
-
-Decision = type(decide(FACTS[0], SEEN[0], Intent.PUT_BACK))
 
 #: The states a VM can be found in after a crash at each step (what QEMU may report).
 START = {
