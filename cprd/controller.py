@@ -252,7 +252,8 @@ class Controller:
                 self._sync_state()
 
     async def resume(self) -> dict[str, str]:
-        self._begin({State.PREPARED}, "resume")
+        """Every VM back as it ran: after a prepare, or a commit interrupted on this boot."""
+        self._begin({State.PREPARED, State.COMMITTED}, "resume")
         async with self._lock:
             self._set(State.RESUMING)
             try:

@@ -506,10 +506,15 @@ class Saver:
         """Undo a prepared (or interrupted, or failed-to-commit) save: every VM back."""
         journal = Journal.load(self.manifest_path)
         phase = journal.manifest.phase
-        if phase not in (Phase.PREPARING, Phase.PREPARED):
+        same_boot = journal.manifest.boot_id == mf.boot_id()
+        # A commit interrupted on this boot (cprd killed, the kexec called off) is resumed
+        # too: QEMUs not yet quit continue, the others are loaded from their state files.
+        if phase not in (Phase.PREPARING, Phase.PREPARED) and not (
+            phase is Phase.COMMITTED and same_boot
+        ):
             raise StateError(
                 f"nothing to resume: the manifest is in phase {phase.value}",
-                "a committed manifest is restored: `cprdctl restore`",
+                "a manifest committed before a reboot is restored: `cprdctl restore`",
             )
         await self.inventory.scan()
         outcomes, _ = await self._put_back(journal)
@@ -525,7 +530,9 @@ class Saver:
         quit is killed once its state is complete, a VM not saved is shut down cleanly
         (or left, by its on_kexec_failure), and nothing is raised."""
         journal = Journal.load(self.manifest_path)
-        if journal.manifest.phase is not Phase.PREPARED:
+        phase = journal.manifest.phase
+        interrupted = phase is Phase.COMMITTED and journal.manifest.boot_id == mf.boot_id()
+        if phase is not Phase.PREPARED and not interrupted:
             raise StateError(
                 f"cannot commit: the manifest is in phase {journal.manifest.phase.value}",
                 "prepare first",

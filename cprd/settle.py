@@ -62,8 +62,10 @@ class Settled:
         )
 
     def describe(self) -> str:
-        text = self.decision.why
-        return f"{text} ({self.error})" if self.error else text
+        """What happened, in one line: what went wrong if it did not settle well."""
+        if self.error and self.decision.action is not Action.DONE:
+            return self.error
+        return self.decision.why
 
 
 def alive(pid: int) -> bool:
@@ -230,8 +232,8 @@ class Settler:
             except asyncio.CancelledError:
                 raise
             except Exception as err:
-                msg = str(err) or type(err).__name__
-                errors.append(f"{decision.action.value}: {msg}")
+                msg = (str(err) or type(err).__name__).removeprefix(f"{name}: ")
+                errors.append(msg)
                 emit(
                     logger,
                     logging.ERROR,
