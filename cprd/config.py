@@ -42,6 +42,13 @@ class Launcher(enum.Enum):
     SYSTEMD = "systemd"  # a transient unit cprd-vm-<name>.service
 
 
+class OnKexecFailure(enum.Enum):
+    """What happens to a VM that cannot be saved when the kexec goes ahead anyway."""
+
+    SHUTDOWN = "shutdown"  # ACPI power-off, then quit; cold-booted at restore
+    LEAVE = "leave"  # left running: it dies with the old kernel
+
+
 class InPlace(enum.Enum):
     """Whether RAM on persistent shared memory may stay in place (x-ignore-shared)."""
 
@@ -167,6 +174,13 @@ class VMSettings:
         "suspend to RAM through the agent before saving: auto (when the VM has VFIO "
         "devices), always or never",
     )
+    on_kexec_failure: OnKexecFailure = setting(
+        OnKexecFailure.SHUTDOWN,
+        _enum(OnKexecFailure),
+        "when the kexec goes ahead anyway (logind's kexec signal, the guard unit) and this "
+        "VM cannot be saved: shutdown (ACPI power-off, then quit; cold-booted at restore) "
+        "or leave (it dies with the old kernel)",
+    )
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,19 @@ class SaveSettings:
     timeout_s: int = setting(600, _int(1), "deadline for the whole save, in seconds")
     suspend_timeout_s: int = setting(
         30, _int(1), "how long a guest may take to reach S3 after guest-suspend-ram"
+    )
+    qmp_timeout_s: int = setting(10, _int(1, 600), "deadline of one QMP command, in seconds")
+    agent_timeout_s: int = setting(
+        5, _int(1, 600), "deadline of one guest-agent call (connect, sync, reply), in seconds"
+    )
+    quit_timeout_s: int = setting(
+        30, _int(1, 3600), "how long a QEMU may take to exit after quit, in seconds"
+    )
+    shutdown_timeout_s: int = setting(
+        120,
+        _int(1, 3600),
+        "how long a guest that could not be saved may take to power off before its QEMU "
+        "is quit (see vms.<name>.on_kexec_failure), in seconds",
     )
     space_margin_mib: int = setting(
         256, _int(0), "free space kept in state_dir beyond the bytes to write, in MiB"

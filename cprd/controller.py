@@ -41,13 +41,20 @@ class State(enum.Enum):
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """Options of PrepareKexec; unknown keys and wrong types are refused."""
+    """Options of PrepareKexec; unknown keys and wrong types are refused.
+
+    ``commit``: quit the saved QEMUs too.  ``shutdown``: VMs to shut down cleanly at
+    commit instead of saving them.  ``best_effort``: the kexec goes ahead whatever
+    happens (logind's signal, the guard unit): save what can be saved, shut down the rest,
+    always commit; otherwise all or nothing."""
 
     commit: bool = False
+    best_effort: bool = False
+    shutdown: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, options: Mapping[str, object]) -> PrepareOptions:
-        known = {"commit": bool}
+        known: dict[str, type] = {"commit": bool, "best_effort": bool, "shutdown": list}
         for key, value in options.items():
             if key not in known:
                 raise InvalidArgument(f"unknown option {key!r} (known: {', '.join(sorted(known))})")
@@ -55,7 +62,16 @@ class PrepareOptions:
                 raise InvalidArgument(
                     f"option {key!r}: expected {known[key].__name__}, got {type(value).__name__}"
                 )
-        return cls(commit=bool(options.get("commit", False)))
+        shutdown = options.get("shutdown", [])
+        assert isinstance(shutdown, list)
+        if not all(isinstance(n, str) and n for n in shutdown):
+            raise InvalidArgument("option 'shutdown': expected a list of VM names")
+        best_effort = bool(options.get("best_effort", False))
+        return cls(
+            commit=bool(options.get("commit", False)) or best_effort,
+            best_effort=best_effort,
+            shutdown=tuple(str(n) for n in shutdown),
+        )
 
 
 class InvalidArgument(CprdError):
@@ -73,7 +89,9 @@ class Controller:
         self.saver = Saver(config, self.inventory, self._progress, launcher)
         self.upgrader = Upgrader(config, self.inventory, launcher, self._progress)
         self.state = State.IDLE
+        #: one operation at a time; Check and the preflight hold it too
         self._lock = asyncio.Lock()
+        self._last_check: list[dict[str, Any]] = []
         #: hooks set by the adapter: state(State), vm(name, facts|None), progress(...)
         self.on_state: Listener = lambda *_: None
         self.on_vm: Listener = lambda *_: None
@@ -91,15 +109,17 @@ class Controller:
         self.inventory.start()
         phase = self._manifest_phase()
         if phase is Phase.PREPARING:
-            # The daemon died mid-save: the VMs it had stopped are recorded; put them back.
-            logger.warning("found a manifest in phase preparing: resuming its VMs")
-            outcomes = await self.saver.resume()
+            # The daemon died mid-save: every step it took is recorded; put the VMs back.
+            logger.warning("found a manifest in phase preparing: putting its VMs back")
+            async with self._lock:
+                try:
+                    outcomes = await self.saver.resume()
+                except CprdError as err:
+                    logger.error("recovery failed: %s", err)
+                    outcomes = {}
             for name, outcome in sorted(outcomes.items()):
                 logger.info("recovery: %s", outcome, extra={"CPRD_VM": name})
-        elif phase is Phase.PREPARED:
-            self._set(State.PREPARED)
-        elif phase is Phase.COMMITTED:
-            self._set(State.COMMITTED)
+        self._sync_state()
 
     async def close(self) -> None:
         async with self._lock:  # an operation in flight finishes first
@@ -109,7 +129,22 @@ class Controller:
         try:
             return mf.read(self.manifest_path).phase
         except CprdError:
-            return None
+            # Unreadable but present: treat it as holding saved VMs, never as nothing.
+            return Phase.PREPARING if self.manifest_path.exists() else None
+
+    def _sync_state(self) -> None:
+        """The daemon's State, derived from the manifest: they never disagree."""
+        phase = self._manifest_phase()
+        if phase in (Phase.PREPARING, Phase.PREPARED):
+            self._set(State.PREPARED)
+        elif phase is Phase.COMMITTED:
+            self._set(State.COMMITTED)
+        else:
+            self._set(State.IDLE)
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
 
     # --- queries --------------------------------------------------------------------------
 
@@ -117,6 +152,16 @@ class Controller:
         return self.inventory.vms()
 
     async def check(self) -> list[dict[str, Any]]:
+        """The preflight of every VM.  While an operation runs it changes nothing and
+        asks QEMU nothing: it answers with the last result, marked ``stale``."""
+        if self._lock.locked():
+            return [dict(r, stale=True) for r in self._last_check]
+        async with self._lock:
+            result = await self._check()
+        self._last_check = result
+        return result
+
+    async def _check(self) -> list[dict[str, Any]]:
         plans, problems = await self.saver.plan()
         paths = await self.upgrader.paths(None, None, probe=False)  # Check runs no binary
         upgrade = {h.name: (ok, why) for h, _, ok, why in paths}
@@ -166,40 +211,61 @@ class Controller:
             raise StateError(f"cannot {what} while {self.state.value} (needs {wanted})")
 
     async def prepare(self, options: PrepareOptions) -> str:
-        """Save every VM (and commit when asked); return the manifest path."""
+        """Save every VM (and commit when asked); return the manifest path.
+
+        All or nothing, unless ``options.best_effort`` (see :meth:`kexec_anyway`)."""
+        if options.best_effort:
+            return await self.kexec_anyway(options.shutdown)
         self._begin({State.IDLE}, "prepare")
         async with self._lock:
             self._set(State.PREPARING)
             try:
-                await self.saver.prepare()
-            except BaseException:
-                # A VM that could not be put back stays in the manifest: resumable.
-                self._set(State.IDLE if self._manifest_phase() is None else State.PREPARED)
-                raise
-            self._set(State.PREPARED)
-        if options.commit:
-            await self.commit()
+                await self.saver.prepare(shutdown=options.shutdown)
+                if options.commit:
+                    self._set(State.COMMITTING)
+                    await self.saver.commit()
+            finally:
+                self._sync_state()
+        return str(self.manifest_path)
+
+    async def kexec_anyway(self, shutdown: tuple[str, ...] = ()) -> str:
+        """The kexec goes ahead whatever happens: save what can be saved, shut down the
+        rest, commit.  Waits for an operation in flight instead of refusing."""
+        async with self._lock:
+            try:
+                if self._manifest_phase() is Phase.PREPARING:
+                    await self.saver.resume()  # VMs kept by an earlier failure: back first
+                phase = self._manifest_phase()
+                if phase in (None, Phase.RESTORED):
+                    self._set(State.PREPARING)
+                    await self.saver.prepare(anyway=True, shutdown=shutdown)
+                    phase = Phase.PREPARED
+                if phase is Phase.PREPARED:
+                    self._set(State.COMMITTING)
+                    await self.saver.commit(anyway=True)
+            finally:
+                self._sync_state()
         return str(self.manifest_path)
 
     async def commit(self) -> None:
+        """Quit the saved QEMUs; if that fails, every VM is put back (SaveError)."""
         self._begin({State.PREPARED}, "commit")
         async with self._lock:
             self._set(State.COMMITTING)
             try:
                 await self.saver.commit()
-            except BaseException:
-                self._set(State.PREPARED)
-                raise
-            self._set(State.COMMITTED)
+            finally:
+                self._sync_state()
 
     async def resume(self) -> dict[str, str]:
-        self._begin({State.PREPARED}, "resume")
+        """Every VM back as it ran: after a prepare, or a commit interrupted on this boot."""
+        self._begin({State.PREPARED, State.COMMITTED}, "resume")
         async with self._lock:
             self._set(State.RESUMING)
             try:
                 return await self.saver.resume()
             finally:
-                self._set(State.IDLE if self._manifest_phase() is None else State.PREPARED)
+                self._sync_state()
 
     async def restore(self) -> dict[str, str]:
         """Restore a committed manifest (e.g. after a QEMU-only update, without a reboot)."""
@@ -212,7 +278,7 @@ class Controller:
                 result = await Restorer(self.config, self.manifest_path, self.launcher).run()
             finally:
                 self.inventory.exclude -= sockets
-            self._set(State.IDLE if result.phase is Phase.RESTORED else State.COMMITTED)
+            self._sync_state()
             await self.inventory.scan()
             return {r.name: f"{r.outcome.value}: {r.reason}" for r in result.vms}
 
@@ -224,7 +290,7 @@ class Controller:
             try:
                 return await self.upgrader.upgrade(names or None, binary)
             finally:
-                self._set(State.IDLE)
+                self._sync_state()
 
     # --- hooks ----------------------------------------------------------------------------
 

@@ -110,6 +110,10 @@ async def run_daemon(config: Config, bus_address: str | None) -> int:
         logger.info("cprd ready: %d VMs, %s", len(controller.vms()), controller.state.value)
         await stop.wait()
         notify("STOPPING=1")
+        if controller.busy:
+            # An operation in flight finishes first (controller.close waits for it).
+            notify(f"EXTEND_TIMEOUT_USEC={config.save.timeout_s * 1_000_000}")
+            logger.info("stopping once the operation in flight (%s) ends", controller.state.value)
         logger.info("stopping; the VMs are left as they are")
     finally:
         watchdog.cancel()

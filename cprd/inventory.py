@@ -15,7 +15,7 @@ import logging
 import os
 import select
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,9 @@ RUNSTATE_EVENTS = frozenset(
     {"STOP", "RESUME", "SUSPEND", "WAKEUP", "SHUTDOWN", "RESET", "MIGRATION", "DEVICE_DELETED"}
 )
 BACKOFF_MAX = 30.0
+#: Least time between two scans woken by QMP events: a guest that storms RESET, SUSPEND
+#: or STOP events costs cprd at most this rate of re-inspections.
+EVENT_SCAN_INTERVAL = 0.5
 
 
 @dataclass
@@ -94,6 +97,25 @@ def pin_record(inventory: Inventory, handle: VMHandle, rec: VMRecord) -> VMRecor
     return rec.replace(exe_dev=binary[0], exe_ino=binary[1])
 
 
+def pin_records(
+    inventory: Inventory, records: Iterable[VMRecord]
+) -> tuple[list[VMRecord], dict[str, TrustError]]:
+    """:func:`pin_record` for every record whose QEMU the inventory holds (a QEMU gone or
+    replaced is left to the caller): (pinned records, refusals by VM name)."""
+    by_socket = {str(h.conn.path): h for h in inventory.vms()}
+    pinned: list[VMRecord] = []
+    refused: dict[str, TrustError] = {}
+    for rec in records:
+        handle = by_socket.get(rec.qmp_socket)
+        if handle is None or handle.conn.pid != rec.pid:
+            continue
+        try:
+            pinned.append(pin_record(inventory, handle, rec))
+        except TrustError as err:
+            refused[rec.name] = err
+    return pinned, refused
+
+
 @dataclass
 class _Retry:
     attempts: int = 0
@@ -112,6 +134,8 @@ class Inventory:
     _retry: dict[Path, _Retry] = field(default_factory=dict)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
+    #: one scan at a time: concurrent scans raced on the same sockets
+    _scan_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Sockets left alone (a restore is talking to them: QMP serves one client at a time).
     exclude: set[Path] = field(default_factory=set)
 
@@ -136,6 +160,10 @@ class Inventory:
 
     async def scan(self) -> None:
         """One pass: connect new sockets, drop dead ones, refresh changed facts."""
+        async with self._scan_lock:
+            await self._scan()
+
+    async def _scan(self) -> None:
         present = set(self.sockets()) - self.exclude
         for path, handle in list(self.handles.items()):
             gone = path not in present and path not in self.exclude
@@ -290,7 +318,9 @@ class Inventory:
         return now
 
     async def _drop(self, path: Path, why: str) -> None:
-        handle = self.handles.pop(path)
+        handle = self.handles.pop(path, None)
+        if handle is None:
+            return
         await handle.conn.close()
         handle.close_pidfd()
         logger.info("released %s: %s", path, why, extra={"CPRD_VM": handle.name})
@@ -330,11 +360,11 @@ class Inventory:
         while True:
             try:
                 await self.scan()
-            except CprdError as err:
-                logger.warning("inventory scan: %s", err)
-            except Exception:
-                # A bug must not end discovery for every VM: log it and scan again.
-                logger.exception("inventory scan failed")
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # the inventory task never dies of one bad scan
+                logger.warning("inventory scan: %s", err or type(err).__name__)
+            await asyncio.sleep(EVENT_SCAN_INTERVAL)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)

@@ -30,6 +30,8 @@ class Event(enum.Enum):
     VM_RESTORE_FAILED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a69"
     FAILURE = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6a"
     PLAN = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6b"
+    VM_SHUTDOWN = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6c"
+    VM_LOST = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a6d"
     REFUSED = "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a80"
 
 

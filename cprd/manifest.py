@@ -25,13 +25,19 @@ from typing import Any
 
 import yaml
 
+from cprd import failpoint
 from cprd.config import safe_load
 from cprd.errors import ManifestError
 from cprd.plan import MigrationSettings
 from cprd.plan import safe_file_name as safe_file_name  # re-exported
+from cprd.steps import Step
 from cprd.trust import SYSTEM_DIRS
 
-VERSION = 1
+VERSION = 2
+#: Versions this cprd reads (version 1 had no per-VM step: it is derived from the phase).
+READS = (1, 2)
+#: Per-VM step history kept in the manifest (the newest entries).
+HISTORY = 32
 _CHECKSUM = re.compile(rb"\n# sha256: ([0-9a-f]{64})\n\Z")
 
 
@@ -73,12 +79,22 @@ class VMRecord:
     state_size: int | None = None  # set once the save completed and was fsynced
     outcome: Outcome = Outcome.PENDING
     reason: str = ""
+    #: the step journal: the last step recorded (before it was taken), and its history
+    step: Step = Step.PLANNED
+    history: tuple[tuple[str, str], ...] = ()  # (step, UTC time), oldest first
+    on_kexec_failure: str = "shutdown"  # shutdown | leave
     #: the QEMU binary pinned at commit (st_dev, st_ino), checked again at restore
     exe_dev: int | None = None
     exe_ino: int | None = None
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
+
+    def at(self, step: Step, **changes: Any) -> VMRecord:
+        """This record with ``step`` recorded now (and ``changes``)."""
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        history = (*self.history, (step.value, now))[-HISTORY:]
+        return dataclasses.replace(self, step=step, history=history, **changes)
 
 
 @dataclass(frozen=True)
@@ -240,6 +256,9 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 "agent_socket": r.agent_socket,
                 "in_place": [dataclasses.asdict(f) for f in r.in_place],
                 "restore": {"outcome": r.outcome.value, "reason": r.reason},
+                "step": r.step.value,
+                "history": [list(h) for h in r.history],
+                "on_kexec_failure": r.on_kexec_failure,
                 **(
                     {"executable_pin": {"dev": r.exe_dev, "ino": r.exe_ino}}
                     if r.exe_dev is not None and r.exe_ino is not None
@@ -286,7 +305,7 @@ def from_dict(data: object, source: str) -> Manifest:
     if not isinstance(data, dict):
         raise r.fail("top level", "not a mapping")
     version = r.get(data, "version", int, "")
-    if version != VERSION:
+    if version not in READS:
         raise ManifestError(
             f"manifest {source} has version {version}; this cprd reads version {VERSION}",
             "restore it with the cprd that wrote it",
@@ -318,6 +337,17 @@ def from_dict(data: object, source: str) -> Manifest:
                 )
             )
         agent = v.get("agent_socket")
+        # version 1 had no step: derived from the phase
+        step = r.enum(Step, v, "step", p) if "step" in v else _v1_step(str(data.get("phase")), size)
+        history = v.get("history", [])
+        if not isinstance(history, list) or not all(
+            isinstance(h, list) and len(h) == 2 and all(isinstance(x, str) for x in h)
+            for h in history
+        ):
+            raise r.fail(f"{p}history", "expected a list of [step, time] pairs")
+        on_failure = v.get("on_kexec_failure", "shutdown")
+        if on_failure not in ("shutdown", "leave"):
+            raise r.fail(f"{p}on_kexec_failure", f"unknown value {on_failure!r}")
         pin = v.get("executable_pin")
         exe_dev = exe_ino = None
         if pin is not None:
@@ -343,6 +373,9 @@ def from_dict(data: object, source: str) -> Manifest:
                 state_size=size,
                 outcome=r.enum(Outcome, restore, "outcome", f"{p}restore."),
                 reason=str(restore.get("reason", "")),
+                step=step,
+                history=tuple((h[0], h[1]) for h in history),
+                on_kexec_failure=on_failure,
                 exe_dev=exe_dev,
                 exe_ino=exe_ino,
             )
@@ -357,6 +390,14 @@ def from_dict(data: object, source: str) -> Manifest:
         kernel=str(host.get("kernel", "")),
         vms=tuple(vms),
     )
+
+
+def _v1_step(phase: str, size: object) -> Step:
+    if phase == "committed":
+        return Step.COMMITTED
+    if phase == "restored":
+        return Step.RESTORED
+    return Step.SAVED if size is not None else Step.MIGRATING
 
 
 def dumps(m: Manifest) -> bytes:
@@ -442,3 +483,53 @@ def remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     fsync_dir(path.parent)
+
+
+class Journal:
+    """The manifest of an operation in memory: every change is written (atomically,
+    fsynced) before the step it records is taken.
+
+    :meth:`step` is the one place where a VM's step is recorded, and so the one place
+    where a failpoint (:mod:`cprd.failpoint`) may fire.
+    """
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def create(cls, path: Path, manifest: Manifest) -> Journal:
+        write(path, manifest)
+        return cls(path, manifest)
+
+    @classmethod
+    def load(cls, path: Path) -> Journal:
+        return cls(path, read(path))
+
+    def vm(self, name: str) -> VMRecord:
+        return self.manifest.vm(name)
+
+    def put(self, rec: VMRecord) -> None:
+        """Record ``rec`` as it is (no new step)."""
+        self.manifest = self.manifest.with_vm(rec)
+        write(self.path, self.manifest)
+
+    def step(self, name: str, step: Step, **changes: Any) -> VMRecord:
+        """Record that ``step`` is about to be taken for VM ``name``; return the record."""
+        rec = self.manifest.vm(name).at(step, **changes)
+        self.put(rec)
+        failpoint.hit(step.value, name, rec.pid)
+        return rec
+
+    def phase(self, phase: Phase, keep: set[str] | None = None) -> None:
+        """Move the whole manifest to ``phase`` (keeping only the VMs named in ``keep``)."""
+        vms = (
+            self.manifest.vms
+            if keep is None
+            else tuple(r for r in self.manifest.vms if r.name in keep)
+        )
+        self.manifest = self.manifest.replace(phase=phase, vms=vms)
+        write(self.path, self.manifest)
+
+    def remove(self) -> None:
+        remove(self.path)

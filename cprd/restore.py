@@ -22,11 +22,13 @@ from pathlib import Path
 
 from cprd import manifest as mf
 from cprd.config import Config
-from cprd.errors import CprdError, ManifestError, QMPError, RestoreError, TrustError
+from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
-from cprd.manifest import Manifest, Outcome, Phase, VMRecord
+from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
 from cprd.qmp import QMPConnection
+from cprd.settle import Settler
+from cprd.steps import Action, Intent
 from cprd.trust import check_binary
 
 logger = logging.getLogger(__name__)
@@ -104,17 +106,7 @@ def check_files(rec: VMRecord, state_dir: Path) -> None:
             f"{rec.name}: state file {rec.state_file} has {st.st_size} bytes, "
             f"expected {rec.state_size}"
         )
-    if not os.access(rec.executable, os.X_OK):
-        raise RestoreError(f"{rec.name}: QEMU executable {rec.executable} is missing")
-    try:
-        pinned = check_binary(rec.executable)
-    except TrustError as err:
-        raise RestoreError(f"{rec.name}: {err}") from err
-    if rec.exe_dev is not None and pinned != (rec.exe_dev, rec.exe_ino):
-        raise RestoreError(
-            f"{rec.name}: QEMU executable {rec.executable} is not the file pinned at commit "
-            "(replaced since): refused"
-        )
+    check_executable(rec)
     for f in rec.in_place:
         try:
             st = os.stat(f.path)
@@ -129,6 +121,22 @@ def check_files(rec: VMRecord, state_dir: Path) -> None:
             )
 
 
+def check_executable(rec: VMRecord) -> None:
+    """The QEMU binary a restore starts: present, owned by root and not writable by group
+    or others, and the file pinned when the VM was saved (not replaced since)."""
+    if not os.access(rec.executable, os.X_OK):
+        raise RestoreError(f"{rec.name}: QEMU executable {rec.executable} is missing")
+    try:
+        pinned = check_binary(rec.executable)
+    except TrustError as err:
+        raise RestoreError(f"{rec.name}: {err}") from err
+    if rec.exe_dev is not None and pinned != (rec.exe_dev, rec.exe_ino):
+        raise RestoreError(
+            f"{rec.name}: QEMU executable {rec.executable} is not the file pinned at commit "
+            "(replaced since): refused"
+        )
+
+
 class Restorer:
     def __init__(
         self,
@@ -141,65 +149,69 @@ class Restorer:
         self.manifest_path = manifest_path or config.manifest_path
         self.launcher = launcher or make_launcher(config)
         self.progress = progress or (lambda *_: None)
-        self._lock = asyncio.Lock()
-        self._manifest: Manifest | None = None
 
     async def run(self) -> Manifest:
-        """Restore every pending or failed VM; return the updated manifest."""
-        manifest = mf.read(self.manifest_path)
+        """Restore every pending or failed VM; return the updated manifest.
+
+        Each VM goes through the step journal (restoring, then restored) and
+        :func:`cprd.steps.decide` with the restore intent: a VM shut down before the kexec
+        is cold-booted, a VM whose QEMU still serves its socket is never started twice."""
+        journal = Journal.load(self.manifest_path)
+        manifest = journal.manifest
         if manifest.phase in (Phase.PREPARING, Phase.PREPARED):
             raise ManifestError(
                 f"manifest {self.manifest_path} is in phase {manifest.phase.value}: "
                 "its VMs were never committed",
                 "resume them with `cprdctl resume`",
             )
-        self._manifest = manifest
-        todo = [r for r in manifest.vms if r.outcome is not Outcome.RESTORED]
+        todo = [r.name for r in manifest.vms if r.outcome is not Outcome.RESTORED]
         sem = asyncio.Semaphore(self.config.restore.concurrency)
-        await asyncio.gather(*(self._one(rec, sem) for rec in todo))
-        assert self._manifest is not None
-        if all(r.outcome is Outcome.RESTORED for r in self._manifest.vms):
-            self._manifest = self._manifest.replace(phase=Phase.RESTORED)
-            mf.write(self.manifest_path, self._manifest)
-        return self._manifest
+        settler = Settler(self.config, journal, self.start)
+        try:
+            await asyncio.gather(*(self._one(settler, name, sem) for name in todo))
+        finally:
+            await settler.close()
+        if all(r.outcome is Outcome.RESTORED for r in journal.manifest.vms):
+            journal.phase(Phase.RESTORED)
+        return journal.manifest
 
-    async def _record(self, rec: VMRecord) -> None:
-        async with self._lock:
-            assert self._manifest is not None
-            self._manifest = self._manifest.with_vm(rec)
-            mf.write(self.manifest_path, self._manifest)
-
-    async def _one(self, rec: VMRecord, sem: asyncio.Semaphore) -> None:
+    async def _one(self, settler: Settler, name: str, sem: asyncio.Semaphore) -> None:
         async with sem:
-            try:
-                async with asyncio.timeout(self.config.restore.timeout_s):
-                    final = await self.restore_vm(rec)
-            except TimeoutError:
-                await self._fail(rec, f"not back within {self.config.restore.timeout_s}s")
-            except (CprdError, OSError) as err:
-                await self._fail(rec, str(err).removeprefix(f"{rec.name}: "))
-            else:
-                await self._record(rec.replace(outcome=Outcome.RESTORED, reason=final))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.restore.timeout_s
+            res = await settler.settle(name, Intent.RESTORE, deadline)
+            rec = res.record
+            if res.decision.action is Action.DONE:
+                rec = rec.replace(outcome=Outcome.RESTORED, reason=rec.reason or res.describe())
+                settler.journal.put(rec)
                 keep = self.config.restore.keep_state_files
-                if not keep and mf.in_state_dir(rec.state_file, self.config.state_dir):
+                inside = mf.in_state_dir(rec.state_file, self.config.state_dir)
+                if not keep and inside and rec.state_size is not None:
                     with contextlib.suppress(OSError):
                         os.unlink(rec.state_file)
+                return
+            reason = res.describe()
+            emit(
+                logger,
+                logging.ERROR,
+                Event.VM_RESTORE_FAILED,
+                "restore failed: %s (state file kept)",
+                reason,
+                vm=name,
+                phase="restoring",
+                manifest=self.manifest_path,
+            )
+            settler.journal.put(rec.replace(outcome=Outcome.FAILED, reason=reason))
 
-    async def _fail(self, rec: VMRecord, reason: str) -> None:
-        emit(
-            logger,
-            logging.ERROR,
-            Event.VM_RESTORE_FAILED,
-            "restore failed: %s (state file kept)",
-            reason,
-            vm=rec.name,
-            phase="restoring",
-            manifest=self.manifest_path,
-        )
-        await self._record(rec.replace(outcome=Outcome.FAILED, reason=reason))
+    async def start(self, rec: VMRecord, cold: bool) -> tuple[str, int]:
+        """Start VM ``rec`` in a new QEMU, from its state file or (``cold``) from its argv
+        alone; return (its runstate, its pid)."""
+        if cold:
+            return await self.cold_boot(rec)
+        return await self.restore_vm(rec)
 
-    async def restore_vm(self, rec: VMRecord) -> str:
-        """Relaunch one VM from its state file; return its final runstate."""
+    async def restore_vm(self, rec: VMRecord) -> tuple[str, int]:
+        """Relaunch one VM from its state file; return (its final runstate, its pid)."""
         check_files(rec, self.config.state_dir)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
@@ -230,12 +242,45 @@ class Restorer:
             phase="restoring",
             manifest=self.manifest_path,
         )
-        return final
+        return final, process.pid
+
+    async def cold_boot(self, rec: VMRecord) -> tuple[str, int]:
+        """Boot a VM that was shut down before the kexec from its recorded argv."""
+        check_executable(rec)
+        await self._refuse_if_running(rec)
+        argv = relaunch_argv(rec.argv, rec.machine_type)[:-2]  # without -incoming defer
+        process = await self.launcher.launch(rec.name, rec.executable, argv)
+        try:
+            conn = await self._connect(rec, process)
+        except BaseException:
+            await self.launcher.stop(process)
+            raise
+        try:
+            status = await _wait_status(conn, lambda s: s not in ("inmigrate", "prelaunch"), 30)
+        finally:
+            await conn.close()
+        emit(
+            logger,
+            logging.INFO,
+            Event.VM_RESTORED,
+            "booted again (it was shut down before the kexec): %s (QEMU pid %d)",
+            status,
+            process.pid,
+            vm=rec.name,
+            phase="restoring",
+            manifest=self.manifest_path,
+        )
+        return f"cold-booted: {status}", process.pid
 
     async def _refuse_if_running(self, rec: VMRecord) -> None:
         """Never start a second QEMU beside a live one on the same socket."""
         try:
             conn = await QMPConnection.open(Path(rec.qmp_socket), rec.name, timeout=2)
+        except MonitorBusyError as err:
+            # A live QEMU whose monitor another client holds: running, all the same.
+            raise RestoreError(
+                f"{rec.name}: a QEMU already serves {rec.qmp_socket} (its monitor is busy)"
+            ) from err
         except QMPError:
             return
         await conn.close()

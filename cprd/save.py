@@ -1,11 +1,19 @@
 """Prepare (suspend and save every VM), roll back, resume, commit.
 
-``prepare`` is all-or-nothing: a preflight refuses before anything is stopped; after
-that, if any VM fails or the deadline passes, running migrations are cancelled, every VM
-cprd stopped is resumed (and woken, when cprd suspended it), partial state files are
-removed, and :class:`SaveError` says per VM what happened.  The manifest is written in
-phase ``preparing`` before anything is stopped, so a restarted daemon knows which VMs
-to resume.
+Every step that changes a VM is recorded in the manifest's step journal before it is
+taken (:class:`cprd.manifest.Journal`), and everything that undoes or finishes a step is
+one loop over one pure function (:mod:`cprd.settle`, :func:`cprd.steps.decide`).
+
+Two promises, by path (README, "What is promised"):
+
+- **All or nothing** (``cprdctl prepare-kexec``, ``cprdctl kexec``, D-Bus ``PrepareKexec``
+  from fleet tooling, ``cprd prepare``): a preflight refuses before anything is stopped;
+  after that, whatever escapes a save (any exception type, a cancellation, the deadline)
+  puts every VM back, and a commit that fails puts every VM back too.
+- **Save what can be saved** (logind's kexec signal, the guard unit's stop: the kexec goes
+  ahead anyway): every VM that can be saved is saved and its QEMU quit (killed if it will
+  not quit); a VM that cannot be saved is shut down cleanly and cold-booted at restore
+  (``vms.<name>.on_kexec_failure``).
 """
 
 from __future__ import annotations
@@ -16,19 +24,30 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cprd import manifest as mf
 from cprd.config import Config
-from cprd.errors import AgentError, CprdError, PreflightError, QMPError, SaveError, StateError
-from cprd.inventory import Inventory, VMHandle, pin_record
+from cprd.errors import (
+    AgentError,
+    CprdError,
+    ManifestError,
+    PreflightError,
+    QMPError,
+    SaveError,
+    StateError,
+)
+from cprd.inventory import Inventory, VMHandle, pin_records
 from cprd.launch import Launcher
 from cprd.log import Event, emit
-from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
+from cprd.manifest import InPlaceFile, Journal, Manifest, Outcome, Phase, VMRecord
 from cprd.plan import VMPlan, duplicate_names, plan_vm, space_problem
+from cprd.qmp import QMPConnection
 from cprd.restore import Restorer
+from cprd.settle import Settled, Settler, alive, settle_all, wait_exit
+from cprd.steps import Action, Intent, Step
 from cprd.vm import fstype_of
 
 logger = logging.getLogger(__name__)
@@ -41,20 +60,18 @@ POLL_FIRST = 0.002
 
 @dataclass
 class _Work:
-    """What cprd did to one VM during a prepare, so that it can be undone."""
+    """One VM of a prepare."""
 
     handle: VMHandle
     plan: VMPlan
     record: VMRecord
-    suspended: bool = False
-    migrating: bool = False
-    saved: bool = False
-    #: could not be put back although its QEMU lives (e.g. stopped, not answering):
-    #: kept in the manifest so that ``cprd resume`` finishes the job later.
-    stuck: bool = False
     seconds: float = 0.0
     error: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
 
 
 def state_fstype(state_dir: Path) -> str | None:
@@ -73,7 +90,7 @@ class Saver:
         launcher: Launcher | None = None,
     ) -> None:
         self.config = config
-        #: starts a QEMU when a VM saved while suspended must be reloaded (see _reload)
+        #: starts a QEMU when a VM must be brought back from its state file
         self.launcher = launcher
         self.inventory = inventory
         self.progress = progress or (lambda *_: None)
@@ -90,14 +107,17 @@ class Saver:
             info = await conn.execute("query-migrate")
         finally:
             await conn.execute("migrate-set-parameters", {"mode": before})
-        return tuple(str(r) for r in info.get("blocked-reasons", []))
+        reasons = info.get("blocked-reasons", []) if isinstance(info, dict) else []
+        return tuple(str(r) for r in reasons) if isinstance(reasons, list) else ()
 
     async def plan(
         self, only: set[str] | None = None
     ) -> tuple[list[tuple[VMHandle, VMPlan]], dict[str, str]]:
-        """Fresh facts and a plan per VM (or per VM named in ``only``); changes nothing.
+        """Fresh facts and a plan per VM (or per VM named in ``only``).
 
-        Returns (plans, problems)."""
+        Changes nothing a VM keeps (the migration mode is switched to cpr-reboot and back
+        to read QEMU's blockers for that mode); the caller holds the operation lock, so no
+        save runs meanwhile.  Returns (plans, problems)."""
         await self.inventory.scan()
         handles = [h for h in self.inventory.vms() if only is None or h.name in only]
         fstype = state_fstype(self.config.state_dir)
@@ -136,71 +156,132 @@ class Saver:
 
     # --- prepare ------------------------------------------------------------------------
 
-    def _existing_phase(self) -> Phase | None:
+    def _refuse_existing(self) -> None:
         try:
-            return mf.read(self.manifest_path).phase
-        except CprdError:
-            return None if not self.manifest_path.exists() else Phase.PREPARING
-
-    async def prepare(self, only: set[str] | None = None) -> Manifest:
-        """Save every VM (or those named in ``only``); on any failure put every VM back
-        and raise SaveError."""
-        phase = self._existing_phase()
+            phase = mf.read(self.manifest_path).phase
+        except ManifestError as err:
+            if not os.path.lexists(self.manifest_path):
+                return
+            raise StateError(
+                f"a manifest exists at {self.manifest_path} but cannot be read: {err}",
+                "look at it: its VMs may be saved; fix or remove it, then prepare again",
+            ) from err
         if phase in (Phase.PREPARING, Phase.PREPARED, Phase.COMMITTED):
             raise StateError(
-                f"a manifest in phase {phase.value if phase else '?'} exists at "
-                f"{self.manifest_path}",
+                f"a manifest in phase {phase.value} exists at {self.manifest_path}",
                 "resume or restore it first",
             )
+
+    async def prepare(
+        self,
+        only: set[str] | None = None,
+        *,
+        anyway: bool = False,
+        shutdown: Collection[str] = (),
+    ) -> Manifest:
+        """Save every VM (or those named in ``only``).
+
+        All or nothing by default: on any failure every VM is put back and SaveError
+        raised.  With ``anyway`` (the kexec goes ahead whatever happens) every VM that can
+        be saved is, and the others are put back to be shut down at commit.  VMs named in
+        ``shutdown`` are not saved but shut down at commit."""
+        self._refuse_existing()
         mf.ensure_state_dir(self.config.state_dir)
         plans, problems = await self.plan(only)
-        if problems:
-            raise PreflightError(problems, "fix the VMs named, or run `cprdctl check`")
+        known = {p.name for _, p in plans}
+        unknown = sorted(set(shutdown) - known)
+        if unknown:
+            raise PreflightError(
+                dict.fromkeys(unknown, "asked to shut down, but no such VM"), "see cprdctl status"
+            )
+        blocking = {k: v for k, v in problems.items() if k not in shutdown}
+        if anyway:
+            for what, why in sorted(blocking.items()):
+                emit(logger, logging.ERROR, Event.FAILURE, "cannot be saved: %s", why, vm=what)
+        elif blocking:
+            raise PreflightError(blocking, "fix the VMs named, or run `cprdctl check`")
         if not plans:
             raise PreflightError({"host": "no VMs found"}, "check discovery.qmp_sockets")
 
-        work = [self._work(h, p) for h, p in plans]
+        work = [self._work(h, p, problems.get(p.name, "")) for h, p in plans]
+        skip = {w.name for w in work if w.name in shutdown or (anyway and w.name in problems)}
         for w in work:
             emit(
                 logger,
                 logging.INFO,
                 Event.PLAN,
                 "%s: %s",
-                w.plan.action,
+                "shut down instead of saving" if w.name in skip else w.plan.action,
                 "; ".join(w.plan.notes),
-                vm=w.plan.name,
+                vm=w.name,
                 phase="preparing",
             )
-        manifest = Manifest.new(Phase.PREPARING, tuple(w.record for w in work))
-        mf.write(self.manifest_path, manifest)
+        journal = Journal.create(
+            self.manifest_path, Manifest.new(Phase.PREPARING, tuple(w.record for w in work))
+        )
         emit(
             logger,
             logging.INFO,
             Event.SAVE_STARTED,
-            "saving %d VMs",
-            len(work),
+            "saving %d VMs%s",
+            len(work) - len(skip),
+            " (save what can be saved: the kexec goes ahead)" if anyway else "",
             phase="preparing",
             manifest=self.manifest_path,
         )
-
-        sem = asyncio.Semaphore(self.config.save.concurrency)
+        todo = [w for w in work if w.name not in skip]
         reason = ""
+        cancelled: BaseException | None = None
         try:
             async with asyncio.timeout(self.config.save.timeout_s):
-                await self._save_all(work, sem)
+                await self._save_all(journal, todo, isolate=anyway)
         except TimeoutError:
             reason = f"deadline of {self.config.save.timeout_s}s passed"
-        except (CprdError, OSError) as err:
-            failed = [w for w in work if w.error]
-            reason = "; ".join(f"{w.plan.name}: {w.error}" for w in failed) or str(err)
+        except asyncio.CancelledError as err:
+            reason, cancelled = "cancelled", err
+        except BaseException as err:  # whatever it is, every VM is put back
+            failed = [w for w in todo if w.error]
+            reason = "; ".join(f"{w.name}: {w.error}" for w in failed) or _describe(err)
+            if not isinstance(err, Exception):
+                cancelled = err
+        failed = [w for w in todo if w.error]
+        if anyway and not cancelled:
+            if reason and not failed:  # the deadline: every VM not yet saved failed
+                failed = [w for w in todo if journal.vm(w.name).step is not Step.SAVED]
+                for w in failed:
+                    w.error = reason
+            for w in failed:
+                journal.put(journal.vm(w.name).replace(reason=w.error))
+            await self._settle(journal, [w.name for w in failed], Intent.PUT_BACK)
+            journal.phase(Phase.PREPARED)
+            emit(
+                logger,
+                logging.INFO,
+                Event.PREPARED,
+                "prepared: %d VMs saved, %d to be shut down",
+                len(todo) - len(failed),
+                len(skip) + len(failed),
+                phase="prepared",
+                manifest=self.manifest_path,
+            )
+            return journal.manifest
         if reason:
-            outcomes = await self._rollback(work, reason)
-            stuck = [w for w in work if w.stuck]
-            self._keep_stuck(manifest, [w.record for w in stuck])
-            raise SaveError(reason, outcomes, pending=[w.plan.name for w in stuck])
-
-        manifest = manifest.replace(phase=Phase.PREPARED, vms=tuple(w.record for w in work))
-        mf.write(self.manifest_path, manifest)
+            emit(
+                logger,
+                logging.WARNING,
+                Event.ROLLBACK,
+                "rolling back: %s",
+                reason,
+                phase="preparing",
+                manifest=self.manifest_path,
+            )
+            outcomes, kept = await self._put_back(journal)
+            for w in failed:
+                outcomes[w.name] = f"failed ({w.error}); {outcomes.get(w.name, '?')}"
+            if cancelled is not None:
+                raise cancelled
+            raise SaveError(reason, outcomes, pending=kept)
+        journal.phase(Phase.PREPARED)
         emit(
             logger,
             logging.INFO,
@@ -210,21 +291,22 @@ class Saver:
             phase="prepared",
             manifest=self.manifest_path,
         )
-        return manifest
+        return journal.manifest
 
-    async def _save_all(self, work: list[_Work], sem: asyncio.Semaphore) -> None:
-        """Save in parallel; the first failure cancels the rest and is raised."""
-        first: BaseException | None = None
-        try:
-            async with asyncio.TaskGroup() as group:
-                for w in work:
-                    group.create_task(self._save_one(w, sem), name=f"save-{w.plan.name}")
-        except* (CprdError, OSError) as errors:
-            first = errors.exceptions[0]
-        if first is not None:
-            raise first
+    async def _save_all(self, journal: Journal, work: list[_Work], isolate: bool) -> None:
+        """Save in parallel.  All or nothing: the first failure cancels the rest and is
+        raised.  ``isolate``: a failure is that VM's alone (``w.error``)."""
+        sem = asyncio.Semaphore(self.config.save.concurrency)
+        if isolate:
+            await asyncio.gather(
+                *(self._save_one(journal, w, sem) for w in work), return_exceptions=True
+            )
+            return
+        async with asyncio.TaskGroup() as group:
+            for w in work:
+                group.create_task(self._save_one(journal, w, sem), name=f"save-{w.name}")
 
-    def _work(self, handle: VMHandle, plan: VMPlan) -> _Work:
+    def _work(self, handle: VMHandle, plan: VMPlan, problem: str) -> _Work:
         f = handle.facts
         state = self.config.state_dir / f"{mf.safe_file_name(f.name)}.state"
         record = VMRecord(
@@ -243,38 +325,43 @@ class Saver:
             in_place=tuple(
                 InPlaceFile(b.id, b.mem_path or "", b.size) for b in plan.in_place_backends
             ),
+            reason=problem,
+            on_kexec_failure=self.config.vm(f.name).on_kexec_failure.value,
             exe_dev=f.binary[0] if f.binary else None,
             exe_ino=f.binary[1] if f.binary else None,
         )
         return _Work(handle, plan, record)
 
-    async def _save_one(self, w: _Work, sem: asyncio.Semaphore) -> None:
-        name = w.plan.name
+    async def _save_one(self, journal: Journal, w: _Work, sem: asyncio.Semaphore) -> None:
         try:
             async with sem:
                 start = time.monotonic()
                 if w.plan.suspend:
-                    await self._suspend(w)
-                await self._migrate(w)
+                    await self._suspend(journal, w)
+                await self._migrate(journal, w)
                 w.seconds = time.monotonic() - start
-        except (CprdError, OSError) as err:
-            w.error = str(err)
-            emit(
-                logger,
-                logging.ERROR,
-                Event.FAILURE,
-                "save failed: %s",
-                err,
-                vm=name,
-                phase="preparing",
-            )
+        except BaseException as err:
+            w.error = _describe(err)
+            if isinstance(err, Exception):
+                emit(
+                    logger,
+                    logging.ERROR,
+                    Event.FAILURE,
+                    "save failed: %s",
+                    w.error,
+                    vm=w.name,
+                    phase="preparing",
+                )
             raise
 
     async def _wait_runstate(self, w: _Work, wanted: set[str], timeout: float) -> str:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            status = str((await w.handle.conn.execute("query-status"))["status"])
+            reply = await w.handle.conn.execute("query-status", timeout=self._qmp_timeout)
+            status = reply.get("status") if isinstance(reply, dict) else None
+            if not isinstance(status, str):
+                raise QMPError(f"{w.name}: query-status: unexpected reply")
             if status in wanted:
                 return status
             if loop.time() > deadline:
@@ -282,58 +369,63 @@ class Saver:
                 raise CprdError(f"runstate still {status!r} after {timeout:g}s (wanted {wants})")
             await asyncio.sleep(0.1)
 
-    async def _suspend(self, w: _Work) -> None:
-        agent = w.handle.agent(timeout=5.0)
+    @property
+    def _qmp_timeout(self) -> float:
+        return float(self.config.save.qmp_timeout_s)
+
+    async def _suspend(self, journal: Journal, w: _Work) -> None:
+        agent = w.handle.agent(timeout=float(self.config.save.agent_timeout_s))
         if agent is None:
-            raise AgentError(f"{w.plan.name}: no guest agent configured")
-        self.progress(w.plan.name, "suspending", 0, 0)
+            raise AgentError(f"{w.name}: no guest agent configured")
+        self.progress(w.name, "suspending", 0, 0)
+        journal.step(w.name, Step.SUSPENDING)
         await agent.execute("guest-suspend-ram", reply=False)
-        w.suspended = True
         await self._wait_runstate(w, {"suspended"}, self.config.save.suspend_timeout_s)
         emit(
             logger,
             logging.INFO,
             Event.VM_SUSPENDED,
             "suspended to RAM through its guest agent",
-            vm=w.plan.name,
+            vm=w.name,
             phase="preparing",
         )
 
-    async def _migrate(self, w: _Work) -> None:
+    async def _migrate(self, journal: Journal, w: _Work) -> None:
         conn = w.handle.conn
         for cmd, args in w.plan.settings.commands():
-            await conn.execute(cmd, args)
+            await conn.execute(cmd, args, timeout=self._qmp_timeout)
         path = Path(w.record.state_file)
         mf.create_private(path)
-        self.progress(w.plan.name, "saving", 0, w.plan.bytes_to_write)
-        w.migrating = True
+        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+        journal.step(w.name, Step.MIGRATING)
         start = time.monotonic()
-        await conn.execute("migrate", {"uri": f"file:{path}"})
+        await conn.execute("migrate", {"uri": f"file:{path}"}, timeout=self._qmp_timeout)
         poll = POLL_FIRST
         while True:
-            info = await conn.execute("query-migrate")
+            info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
+            if not isinstance(info, dict):
+                raise QMPError(f"{w.name}: query-migrate: unexpected reply")
             status = info.get("status", "none")
             ram = info.get("ram", {})
+            ram = ram if isinstance(ram, dict) else {}
             if status == "completed":
                 break
             if status in ("failed", "cancelled"):
                 raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
             self.progress(
-                w.plan.name,
+                w.name,
                 "saving",
-                int(ram.get("transferred", 0)),
-                int(ram.get("total", 0)) or w.plan.bytes_to_write,
+                _int(ram.get("transferred")),
+                _int(ram.get("total")) or w.plan.bytes_to_write,
             )
             # An in-place save takes QEMU a few ms: look again soon, then back off.
             await asyncio.sleep(poll)
             poll = min(poll * 2, POLL)
-        w.migrating = False
         size = mf.fsync_file(path)
         mf.fsync_dir(path.parent)
-        w.saved = True
-        w.record = w.record.replace(state_size=size)
+        w.record = journal.step(w.name, Step.SAVED, state_size=size)
         w.timings["save"] = time.monotonic() - start
-        self.progress(w.plan.name, "saved", size, size)
+        self.progress(w.name, "saved", size, size)
         emit(
             logger,
             logging.INFO,
@@ -343,220 +435,202 @@ class Saver:
             path,
             w.timings["save"],
             "RAM in place" if w.plan.in_place else "RAM copied",
-            vm=w.plan.name,
+            vm=w.name,
             phase="preparing",
             manifest=self.manifest_path,
         )
 
-    # --- undo ---------------------------------------------------------------------------
+    # --- settling: rollback, resume, commit ---------------------------------------------
 
-    async def _put_back(self, w: _Work) -> str:
-        """Return one VM to the runstate it had; say what happened."""
-        conn = w.handle.conn
-        name = w.plan.name
+    def _settler(self, journal: Journal) -> Settler:
+        restorer = Restorer(self.config, self.manifest_path, launcher=self.launcher)
+
+        def lookup(socket: str) -> QMPConnection | None:
+            for handle in self.inventory.handles.values():
+                if str(handle.conn.path) == socket and not handle.conn.closed.is_set():
+                    return handle.conn
+            return None
+
+        return Settler(self.config, journal, restorer.start, lookup, self.inventory.exclude)
+
+    async def _settle(
+        self, journal: Journal, names: list[str], intent: Intent
+    ) -> dict[str, Settled]:
+        settler = self._settler(journal)
         try:
-            if conn.closed.is_set():
-                return "QEMU is gone (its process exited); nothing to resume"
-            status = str((await conn.execute("query-status"))["status"])
-            if w.migrating or status in ("finish-migrate",):
-                with contextlib.suppress(QMPError):
-                    await conn.execute("migrate_cancel")
-                for _ in range(100):
-                    info = await conn.execute("query-migrate")
-                    if info.get("status") not in ("active", "setup", "device", "cancelling"):
-                        break
-                    await asyncio.sleep(POLL)
-                status = str((await conn.execute("query-status"))["status"])
-            was_suspended = w.suspended or w.record.runstate_before == "suspended"
-            if status == "postmigrate" and was_suspended and w.saved:
-                final = await self._reload(w)
+            timeout = self.config.save.timeout_s + self.config.restore.timeout_s
+            return await settle_all(settler, names, intent, timeout)
+        finally:
+            await settler.close()
+
+    async def _put_back(self, journal: Journal) -> tuple[dict[str, str], list[str]]:
+        """Every VM of the journal back as it ran; the manifest keeps only the VMs that
+        could not be put back (phase preparing), or is removed.  Returns (outcomes, kept)."""
+        names = [r.name for r in journal.manifest.vms]
+        results = await self._settle(journal, names, Intent.PUT_BACK)
+        return self._conclude(journal, results)
+
+    def _conclude(
+        self, journal: Journal, results: dict[str, Settled]
+    ) -> tuple[dict[str, str], list[str]]:
+        outcomes: dict[str, str] = {}
+        kept: list[str] = []
+        for name, res in sorted(results.items()):
+            rec = res.record
+            if res.decision.action is Action.DONE:
+                outcomes[name] = _outcome_text(res)
+                _drop_state(rec, self.config.state_dir)
+            elif res.decision.action is Action.LOST:
+                outcomes[name] = f"LOST: {res.describe()}"
+                emit(logger, logging.CRITICAL, Event.VM_LOST, "lost: %s", res.describe(), vm=name)
+                _drop_state(rec, self.config.state_dir)
+            else:
+                outcomes[name] = (
+                    f"could not be put back: {res.describe()}; kept in the manifest, "
+                    "run `cprdctl resume` once its QEMU answers"
+                )
+                kept.append(name)
                 emit(
                     logger,
-                    logging.INFO,
-                    Event.VM_RESUMED,
-                    "put back from its state file: %s",
-                    final,
+                    logging.ERROR,
+                    Event.FAILURE,
+                    "could not be put back: %s",
+                    res.describe(),
                     vm=name,
                 )
-                return f"resumed from its state file ({final})"
-            stopped = status in ("postmigrate", "paused", "finish-migrate")
-            if stopped and w.record.runstate_before == "running":
-                await conn.execute("cont")
-            if w.suspended:
-                status = await self._wait_runstate(w, {"suspended", "running"}, 10)
-                if status == "suspended":
-                    await conn.execute("system_wakeup")
-            final = await self._wait_runstate(
-                w,
-                {"running"}
-                if w.record.runstate_before == "running"
-                else {w.record.runstate_before, "postmigrate"},
-                15,
-            )
-            emit(logger, logging.INFO, Event.VM_RESUMED, "put back: %s", final, vm=name)
-            return f"resumed ({final})"
-        except (CprdError, OSError) as err:
-            emit(logger, logging.ERROR, Event.FAILURE, "could not put back: %s", err, vm=name)
-            if _alive(w.record.pid):
-                # Its QEMU lives on (stopped, hung): commands it has not read yet, a
-                # `migrate` among them, still run once it continues.  Keep it in the
-                # manifest so that `cprd resume` puts it back then.
-                w.stuck = True
-                return (
-                    f"could not resume: {err}; its QEMU (pid {w.record.pid}) lives on: "
-                    "kept in the manifest, run `cprd resume` once it answers"
-                )
-            return f"could not resume: {err}"
-        finally:
-            if not w.stuck and mf.in_state_dir(w.record.state_file, self.config.state_dir):
-                with contextlib.suppress(OSError):
-                    os.unlink(w.record.state_file)
-
-    async def _reload(self, w: _Work) -> str:
-        """Bring back a VM saved while suspended by restoring it from its state file.
-
-        QEMU 10.0 aborts on ``cont`` from postmigrate when the guest was suspended
-        ("invalid runstate transition: 'postmigrate' -> 'suspended'"), so the only safe
-        way back is the restore path: quit this QEMU and load the complete state file
-        into a new one (which comes back suspended and is woken when cprd suspended it).
-        """
-        with contextlib.suppress(QMPError):
-            await w.handle.conn.execute("quit")
-        if not await wait_exit(w.record.pid, 30):
-            raise CprdError(f"QEMU pid {w.record.pid} did not quit")
-        async with asyncio.timeout(self.config.restore.timeout_s):
-            return await Restorer(self.config, launcher=self.launcher).restore_vm(w.record)
-
-    async def _rollback(self, work: list[_Work], reason: str) -> dict[str, str]:
-        emit(
-            logger,
-            logging.WARNING,
-            Event.ROLLBACK,
-            "rolling back: %s",
-            reason,
-            phase="preparing",
-            manifest=self.manifest_path,
-        )
-        touched = [w for w in work if w.suspended or w.migrating or w.saved]
-        results = await asyncio.gather(*(self._put_back(w) for w in touched))
-        outcomes = {w.plan.name: r for w, r in zip(touched, results, strict=True)}
-        for w in work:
-            if w not in touched:
-                outcomes[w.plan.name] = "untouched, still " + w.handle.facts.runstate
-            if not w.stuck and mf.in_state_dir(w.record.state_file, self.config.state_dir):
-                with contextlib.suppress(OSError):
-                    os.unlink(w.record.state_file)
-        for w in work:
-            if w.error and w.plan.name in outcomes:
-                outcomes[w.plan.name] = f"failed ({w.error}); {outcomes[w.plan.name]}"
-        return outcomes
+        if kept:
+            journal.phase(Phase.PREPARING, keep=set(kept))
+        else:
+            journal.remove()
+        return outcomes, kept
 
     async def resume(self) -> dict[str, str]:
-        """Undo a prepared (or interrupted) save: every VM back as it was."""
-        manifest = mf.read(self.manifest_path)
-        if manifest.phase not in (Phase.PREPARING, Phase.PREPARED):
-            raise StateError(f"nothing to resume: the manifest is in phase {manifest.phase.value}")
+        """Undo a prepared (or interrupted, or failed-to-commit) save: every VM back."""
+        journal = Journal.load(self.manifest_path)
+        phase = journal.manifest.phase
+        same_boot = journal.manifest.boot_id == mf.boot_id()
+        # A commit interrupted on this boot (cprd killed, the kexec called off) is resumed
+        # too: QEMUs not yet quit continue, the others are loaded from their state files.
+        if phase not in (Phase.PREPARING, Phase.PREPARED) and not (
+            phase is Phase.COMMITTED and same_boot
+        ):
+            raise StateError(
+                f"nothing to resume: the manifest is in phase {phase.value}",
+                "a manifest committed before a reboot is restored: `cprdctl restore`",
+            )
         await self.inventory.scan()
-        by_socket = {str(h.conn.path): h for h in self.inventory.vms()}
-        work = []
-        outcomes: dict[str, str] = {}
-        unreachable: list[VMRecord] = []
-        for rec in manifest.vms:
-            handle = by_socket.get(rec.qmp_socket)
-            if handle is None or handle.conn.pid != rec.pid:
-                if _alive(rec.pid) and handle is None:
-                    unreachable.append(rec)
-                    outcomes[rec.name] = (
-                        f"its QEMU (pid {rec.pid}) lives but its monitor cannot be reached "
-                        "(is cprd.service running? use cprdctl resume): kept in the manifest"
-                    )
-                else:
-                    outcomes[rec.name] = "not connected: its QEMU is gone or was replaced"
-                continue
-            plan = VMPlan(rec.name, rec.cprd_suspended, bool(rec.in_place), rec.settings, 0)
-            work.append(_Work(handle, plan, rec, suspended=rec.cprd_suspended, saved=True))
-        results = await asyncio.gather(*(self._put_back(w) for w in work))
-        outcomes.update({w.plan.name: r for w, r in zip(work, results, strict=True)})
-        self._keep_stuck(manifest, [w.record for w in work if w.stuck] + unreachable)
+        outcomes, _ = await self._put_back(journal)
         return outcomes
-
-    def _keep_stuck(self, manifest: Manifest, stuck: list[VMRecord]) -> None:
-        """Remove the manifest, or keep in it (phase preparing) the VMs not put back."""
-        if not stuck:
-            mf.remove(self.manifest_path)
-            return
-        kept = manifest.replace(phase=Phase.PREPARING, vms=tuple(stuck))
-        mf.write(self.manifest_path, kept)
 
     # --- commit -------------------------------------------------------------------------
 
-    async def commit(self) -> Manifest:
-        """Quit the saved QEMUs; the manifest says committed before the first quit."""
-        manifest = mf.read(self.manifest_path)
-        if manifest.phase is not Phase.PREPARED:
+    async def commit(self, *, anyway: bool = False) -> Manifest:
+        """Quit the saved QEMUs; the manifest says committed before the first quit.
+
+        All or nothing: if any VM cannot be committed, every VM is put back and
+        SaveError raised.  With ``anyway`` (the kexec goes ahead): a QEMU that will not
+        quit is killed once its state is complete, a VM not saved is shut down cleanly
+        (or left, by its on_kexec_failure), and nothing is raised."""
+        journal = Journal.load(self.manifest_path)
+        phase = journal.manifest.phase
+        interrupted = phase is Phase.COMMITTED and journal.manifest.boot_id == mf.boot_id()
+        if phase is not Phase.PREPARED and not interrupted:
             raise StateError(
-                f"cannot commit: the manifest is in phase {manifest.phase.value}", "prepare first"
+                f"cannot commit: the manifest is in phase {journal.manifest.phase.value}",
+                "prepare first",
             )
         await self.inventory.scan()
-        by_socket = {str(h.conn.path): h for h in self.inventory.vms()}
-        handles = []
-        for rec in manifest.vms:
-            handle = by_socket.get(rec.qmp_socket)
-            if handle is None or handle.conn.pid != rec.pid:
-                raise StateError(f"{rec.name}: its QEMU is no longer the one that was saved")
-            status = str((await handle.conn.execute("query-status"))["status"])
-            if status != "postmigrate":
-                raise StateError(
-                    f"{rec.name}: runstate {status!r}, not postmigrate: not committing"
-                )
-            rec = pin_record(self.inventory, handle, rec)  # TrustError if it changed
-            manifest = manifest.with_vm(rec)
-            handles.append((rec, handle))
-        manifest = manifest.replace(phase=Phase.COMMITTED)
-        mf.write(self.manifest_path, manifest)
-        await asyncio.gather(*(self._quit(rec, h) for rec, h in handles))
+        names = [r.name for r in journal.manifest.vms]
+        if phase is Phase.PREPARED:
+            names = self._pin(journal, names, anyway)
+        journal.phase(Phase.COMMITTED)
+        intent = Intent.COMMIT_ANYWAY if anyway else Intent.COMMIT
+        results = await self._settle(journal, names, intent)
+        refused = {n: r for n, r in results.items() if r.decision.action is not Action.DONE}
+        if refused and not anyway:
+            reason = "; ".join(f"{n}: {r.describe()}" for n, r in sorted(refused.items()))
+            emit(
+                logger,
+                logging.WARNING,
+                Event.ROLLBACK,
+                "commit failed, putting every VM back: %s",
+                reason,
+                phase="committing",
+                manifest=self.manifest_path,
+            )
+            journal.phase(Phase.PREPARING)
+            outcomes, kept = await self._put_back(journal)
+            raise SaveError(f"commit failed: {reason}", outcomes, pending=kept)
+        for name, res in sorted(refused.items()):
+            emit(
+                logger,
+                logging.CRITICAL if res.decision.action is Action.LOST else logging.ERROR,
+                Event.VM_LOST if res.decision.action is Action.LOST else Event.FAILURE,
+                "not committed: %s",
+                res.describe(),
+                vm=name,
+                phase="committed",
+            )
         os.sync()
+        shut = [r.name for r in journal.manifest.vms if r.step is Step.SHUT_DOWN]
         emit(
             logger,
             logging.INFO,
             Event.COMMITTED,
-            "committed: %d QEMUs quit; restore after the reboot",
-            len(handles),
+            "committed: %d QEMUs quit%s; restore after the reboot",
+            len(names) - len(shut),
+            f", {len(shut)} shut down ({', '.join(shut)})" if shut else "",
             phase="committed",
             manifest=self.manifest_path,
         )
-        return manifest
+        return journal.manifest
 
-    async def _quit(self, rec: VMRecord, handle: VMHandle) -> None:
-        with contextlib.suppress(QMPError):
-            await handle.conn.execute("quit")
-        await wait_exit(rec.pid, 30)
-        for f in rec.in_place:
-            with contextlib.suppress(OSError):
-                mf.fsync_file(Path(f.path))
-
-
-async def wait_exit(pid: int, timeout: float) -> bool:
-    """Wait for a process to exit (it is not our child: poll /proc)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return True
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return True
-        await asyncio.sleep(0.05)
-    return False
+    def _pin(self, journal: Journal, names: list[str], anyway: bool) -> list[str]:
+        """Before the first quit: each QEMU is still the process inspected, with the argv
+        and binary recorded (pinned in the manifest).  One that is not refuses the commit
+        (TrustError, nothing quit); with ``anyway`` it is dropped from the manifest and
+        left alone instead: cprd never relaunches what it cannot trust."""
+        pinned, refused = pin_records(self.inventory, journal.manifest.vms)
+        for rec in pinned:
+            journal.put(rec)
+        if refused and not anyway:
+            raise next(iter(refused.values()))
+        for name, err in sorted(refused.items()):
+            emit(logger, logging.ERROR, Event.FAILURE, "not committed: %s", err, vm=name)
+        if refused:
+            names = [n for n in names if n not in refused]
+            journal.phase(Phase.PREPARED, keep=set(names))
+        return names
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+def _describe(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, CprdError):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _outcome_text(res: Settled) -> str:
+    step = res.record.step
+    if step is Step.PLANNED:
+        return "untouched"
+    if step is Step.RESTORED:
+        return f"resumed from its state file ({res.record.reason or res.decision.why})"
+    return f"resumed ({res.decision.why})"
+
+
+def _drop_state(rec: VMRecord, state_dir: Path) -> None:
+    """Delete a state file once its VM runs without it (or it never was complete); never
+    one outside state_dir (a manifest names it)."""
+    if not mf.in_state_dir(rec.state_file, state_dir):
+        return
+    if rec.step in (Step.RESUMED, Step.RESTORED, Step.PLANNED) or rec.state_size is None:
+        with contextlib.suppress(OSError):
+            os.unlink(rec.state_file)
 
 
 def _free_bytes(path: Path) -> int:
@@ -566,4 +640,4 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-__all__ = ["Outcome", "Saver", "wait_exit"]
+__all__ = ["Outcome", "Saver", "alive", "wait_exit"]

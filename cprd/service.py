@@ -349,8 +349,13 @@ class BusGlue:
             return
         if kind == "kexec":
             logger.info("logind: a kexec is under way: preparing and committing")
+            # The kexec goes ahead whatever cprd does: save what can be saved, shut down
+            # the rest, commit; the lock is released only once that is done.
             with contextlib.suppress(DBusError):
-                await self.manager.prepare({"commit": Variant("b", True)})
+                await self.manager.prepare(
+                    {"commit": Variant("b", True), "best_effort": Variant("b", True)}
+                )
+            logger.info("releasing logind's delay lock: the VMs are committed")
         else:
             logger.info("logind: %s under way: cprd does nothing", kind or "shutdown")
         self.release_inhibitor()

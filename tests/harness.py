@@ -192,7 +192,9 @@ class GuestVM:
     def _build_argv(self) -> list[str]:
         spec = self.spec
         kernel, initrd = self.image
-        append = f"console=ttyS0 quiet cprd.fill={spec.fill_mib}"
+        # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can
+        # miss ticks and panic ("IO-APIC + timer doesn't work"); seen here under load.
+        append = f"console=ttyS0 quiet no_timer_check cprd.fill={spec.fill_mib}"
         machine = spec.machine
         argv = [
             spec.qemu or QEMU,

@@ -56,7 +56,10 @@ ERRORS = [
     ("vms: {web1: {suspend: yes}}", "vms.web1.suspend: expected auto, always or never, got 'yes'"),
     ("vms: {web1: {suspend: 3}}", "vms.web1.suspend: expected auto, always or never, got 3 (int)"),
     ("vms: {web1: {agent: rel.sock}}", "vms.web1.agent: expected an absolute path, got 'rel.sock'"),
-    ("vms: {web1: {colour: red}}", "vms.web1.colour: unknown key (known keys: agent, suspend)"),
+    (
+        "vms: {web1: {colour: red}}",
+        "vms.web1.colour: unknown key (known keys: agent, suspend, on_kexec_failure)",
+    ),
     ("vms: {web1: 5}", "vms.web1: expected a mapping, got 5 (int)"),
     ("vms: [a, b]", "vms: expected a mapping of VM names, got ['a', 'b'] (list)"),
     ("vms: {1: {}}", "vms: VM names must be non-empty strings, got 1"),

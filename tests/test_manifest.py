@@ -77,10 +77,10 @@ def test_unknown_version_and_bad_fields(tmp_path: Path) -> None:
     path = tmp_path / "manifest.yaml"
     good = mf.dumps(Manifest.new(Phase.COMMITTED, (record(tmp_path),)))
     body = good[: good.rindex(b"# sha256")]
-    _resign(path, body.replace(b"version: 1", b"version: 7"))
+    _resign(path, body.replace(b"version: 2", b"version: 7"))
     with pytest.raises(ManifestError) as err:
         mf.read(path)
-    assert str(err.value) == f"manifest {path} has version 7; this cprd reads version 1"
+    assert str(err.value) == f"manifest {path} has version 7; this cprd reads version 2"
     _resign(path, body.replace(b"phase: committed", b"phase: exploded"))
     with pytest.raises(ManifestError) as err:
         mf.read(path)
