@@ -567,6 +567,13 @@ async def test_commit_refuses_a_changed_process(guests: GuestFactory, vm_dir_roo
         assert mf.read(cfg.manifest_path).phase is Phase.PREPARED
         assert await saver.resume() == {"exe": "resumed (running)"}
         assert argv_vm.runstate() == "running" and exe_vm.runstate() == "running"
+
+        # The kexec goes ahead (commit anyway): the changed QEMU is dropped from the
+        # manifest, never quit nor relaunched; the others are committed.
+        await saver.prepare()
+        manifest = await saver.commit(anyway=True)
+        assert [r.name for r in manifest.vms] == ["exe"]
+        assert argv_vm.runstate() == "postmigrate" and exe_vm.running_pids() == []
     finally:
         await inventory.close()
 
