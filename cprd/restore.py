@@ -167,6 +167,11 @@ class Restorer:
                         os.unlink(rec.state_file)
                 return
             reason = res.describe()
+            if res.decision.action is Action.LOST and rec.state_size is not None:
+                try:
+                    check_files(rec)  # says what exactly is wrong with the state
+                except RestoreError as err:
+                    reason = str(err).removeprefix(f"{name}: ")
             emit(
                 logger,
                 logging.ERROR,

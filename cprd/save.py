@@ -235,6 +235,11 @@ class Saver:
         try:
             async with asyncio.timeout(self.config.save.timeout_s):
                 await self._save_all(journal, todo, isolate=anyway)
+            if not anyway:
+                # By construction, not by trust in the code above: prepared means saved.
+                unsaved = [w.name for w in todo if journal.vm(w.name).step is not Step.SAVED]
+                if unsaved:
+                    raise StateError(f"not saved: {', '.join(unsaved)}")
         except TimeoutError:
             reason = f"deadline of {self.config.save.timeout_s}s passed"
         except asyncio.CancelledError as err:
@@ -338,6 +343,8 @@ class Saver:
                     await self._suspend(journal, w)
                 await self._migrate(journal, w)
                 w.seconds = time.monotonic() - start
+        except asyncio.CancelledError:
+            raise  # cancelled because another VM failed, or the whole prepare was
         except BaseException as err:
             w.error = _describe(err)
             if isinstance(err, Exception):
@@ -596,7 +603,7 @@ def _int(value: object) -> int:
 def _outcome_text(res: Settled) -> str:
     step = res.record.step
     if step is Step.PLANNED:
-        return "untouched"
+        return f"untouched, still {res.record.runstate_before}"
     if step is Step.RESTORED:
         return f"resumed from its state file ({res.record.reason or res.decision.why})"
     return f"resumed ({res.decision.why})"

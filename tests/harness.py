@@ -387,7 +387,12 @@ class GuestVM:
         return ticks[-1] if ticks else None
 
     def wait_tick_above(self, n: int, timeout: float = 10) -> int:
-        """Wait until the guest prints a tick > n; return the latest tick."""
+        """Wait until the guest prints a tick > n; return the latest tick.
+
+        When tick n was printed, the counter must have *continued* from it: every tick
+        printed after the last ``cprd-tick n`` is n+1, n+2, ... and the guest did not boot
+        again meanwhile (no ``cprd-guest-ready``).  A guest that lost its memory and
+        rebooted counts from 1 again and fails here, however long it then runs."""
 
         def above() -> int | None:
             self._check_running()
@@ -395,9 +400,32 @@ class GuestVM:
             return last if last is not None and last > n else None
 
         try:
-            return _wait_for(f"{self} to tick past {n}", above, timeout)
+            last = _wait_for(f"{self} to tick past {n}", above, timeout)
         except TimeoutError as e:
             raise TimeoutError(f"{e}; serial.log:\n{_tail(self.serial_log)}") from None
+        self.assert_continued(n)
+        return last
+
+    def assert_continued(self, n: int) -> None:
+        """The ticks after the last ``cprd-tick n`` continue from n, with no reboot."""
+        text = self.serial_text()
+        mark = f"cprd-tick {n}\n"
+        at = max(text.rfind(mark), text.rfind(f"cprd-tick {n}\r\n"))
+        if n <= 0 or at < 0:
+            return
+        after = text[at + len(mark) :]
+        if READY_MARK in after:
+            raise AssertionError(
+                f"{self}: the guest booted again after tick {n} (its memory was lost); "
+                f"serial.log:\n{_tail(self.serial_log)}"
+            )
+        ticks = [int(t) for t in _TICK_RE.findall(after)]
+        expected = list(range(n + 1, n + 1 + len(ticks)))
+        if ticks != expected:
+            raise AssertionError(
+                f"{self}: ticks after {n} are {ticks[:10]}, not {expected[:10]}: "
+                "the counter did not continue"
+            )
 
     # --- QMP (test-qmp.sock) ------------------------------------------------------------
 
