@@ -4,6 +4,7 @@
     cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume | restore
     cprdctl [--bus ADDRESS] upgrade-qemu [--binary PATH] [VM ...]
     cprdctl [--bus ADDRESS] kexec [--kernel K [--initrd I] [--append A | --reuse-cmdline]]
+                                  [--shutdown VM ...]
     cprdctl guard-stop        (ExecStop of cprd-kexec-guard.service)
 
 Exit codes: 0 success; 1 the operation failed (the VMs were put back); 2 bad usage;
@@ -199,11 +200,19 @@ async def check(client: Client, as_json: bool) -> int:
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
 
 
-async def prepare(client: Client, commit: bool) -> int:
+async def prepare(
+    client: Client, commit: bool, shutdown: list[str] | None = None, best_effort: bool = False
+) -> int:
     await client.watch_progress(sys.stdout.isatty())
-    options = {"commit": Variant("b", True)} if commit else {}
+    options: dict[str, Variant] = {}
+    if commit:
+        options["commit"] = Variant("b", True)
+    if shutdown:
+        options["shutdown"] = Variant("as", shutdown)
+    if best_effort:
+        options["best_effort"] = Variant("b", True)
     (path,) = await client.call("PrepareKexec", "a{sv}", [options], timeout=LONG_CALL)
-    print(f"prepared{' and committed' if commit else ''}: manifest {path}")
+    print(f"prepared{' and committed' if commit or best_effort else ''}: manifest {path}")
     return EXIT_OK
 
 
@@ -231,12 +240,9 @@ def load_kernel(args: argparse.Namespace) -> None:
 
 async def kexec(client: Client, args: argparse.Namespace) -> int:
     load_kernel(args)  # before anything is stopped
-    await prepare(client, commit=False)
-    try:
-        await client.call("Commit", timeout=LONG_CALL)
-    except CtlError:
-        await client.call("Resume", "", timeout=LONG_CALL)
-        raise
+    # All or nothing: a failed save or a failed commit puts every VM back (the daemon
+    # does it) and nothing is kexeced.
+    await prepare(client, commit=True, shutdown=args.shutdown)
     # `systemctl kexec`: systemd stops the units, then kexecs into the loaded kernel.
     try:
         await client.call(
@@ -275,10 +281,10 @@ async def guard_stop(client: Client) -> int:
     )
     if state == "committed":
         return EXIT_OK
-    if state == "prepared":
-        await client.call("Commit", timeout=LONG_CALL)
-        return EXIT_OK
-    return await prepare(client, commit=True)
+    # The kexec goes ahead whatever happens now: save what can be saved, shut down the
+    # rest (vms.<name>.on_kexec_failure), commit.  The daemon waits for an operation in
+    # flight instead of answering Busy.
+    return await prepare(client, commit=True, best_effort=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -312,6 +318,14 @@ def _parser() -> argparse.ArgumentParser:
     group = k.add_mutually_exclusive_group()
     group.add_argument("--append")
     group.add_argument("--reuse-cmdline", action="store_true")
+    k.add_argument(
+        "--shutdown",
+        action="append",
+        default=[],
+        metavar="VM",
+        help="shut this VM down cleanly (cold boot after the kexec) instead of saving it; "
+        "repeatable",
+    )
     sub.add_parser("guard-stop")  # ExecStop of cprd-kexec-guard.service
     return p
 
