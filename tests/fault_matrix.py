@@ -62,6 +62,7 @@ from cprd import manifest as mf
 from cprd.errors import ManifestError
 from cprd.manifest import VMRecord
 from cprd.settle import alive
+from cprd.steps import Step
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -626,13 +627,17 @@ def baseline(run: Run) -> dict[str, list[tuple[str, str]]]:
 
 
 def rows_of(steps: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str, str]]:
-    """(op, step, the VM the failpoint names: the first VM that records it)."""
+    """(op, step, the VM the failpoint names), in the order of :class:`Step` (not of a
+    run, so that the slice is the same every time); the VM is ``s3`` when it records the
+    step (it is suspended first: more to undo), else ``disk``."""
+    order = [s.value for s in Step]
     rows = []
     for op in OPS:
-        seen: dict[str, str] = {}
+        vms: dict[str, set[str]] = {}
         for step, vm in steps[op]:
-            seen.setdefault(step, vm)
-        rows += [(op, step, vm) for step, vm in seen.items()]
+            vms.setdefault(step, set()).add(vm)
+        for step in sorted(vms, key=order.index):
+            rows.append((op, step, "s3" if "s3" in vms[step] else min(vms[step])))
     return rows
 
 
