@@ -292,7 +292,7 @@ class ProgressPrinter:
         width = max(shutil.get_terminal_size().columns - 1, 20)
         name_width = max(len(n) for n in self.vms)
         out = [f"\033[{self.drawn}A"] if self.drawn else []
-        for name, p in self.vms.items():
+        for name, p in sorted(self.vms.items()):
             if not p.phase:
                 continue
             line = f"{name.ljust(name_width)}  {progress_line(p, now)}"[:width]
