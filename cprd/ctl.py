@@ -215,10 +215,13 @@ def progress_line(p: VMProgress, now: float) -> str:
         return f"{p.phase} {size(p.done)} in {took:.1f}s"
     if p.total <= 0:
         return p.phase
+    bytes_ = f"{p.done / 2**20:.0f}/{mib(p.total)}"
     elapsed = max(now - p.phase_at, 1e-3)
     rate = p.done / elapsed
-    eta = f"ETA {(p.total - p.done) / rate:.0f}s" if rate > 0 and p.total > p.done else "ETA ?"
-    return f"{p.phase} {p.done / 2**20:.0f}/{mib(p.total)} {rate / 2**20:.0f} MiB/s {eta}"
+    if rate <= 0:
+        return f"{p.phase} {bytes_}"
+    eta = (p.total - p.done) / rate if p.total > p.done else 0.0
+    return f"{p.phase} {bytes_} {rate / 2**20:.0f} MiB/s ETA {eta:.0f}s"
 
 
 class ProgressPrinter:

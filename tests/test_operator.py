@@ -141,6 +141,7 @@ def test_an_in_place_save_says_nothing_to_copy() -> None:
     assert p.seconds_stopped == pytest.approx(0.02)
     copied = VMProgress()
     copied.update(10.0, "saving", 0, 200 * 2**20)
+    assert progress_line(copied, 10.0) == "saving 0/200 MiB"
     copied.update(11.0, "saving", 50 * 2**20, 200 * 2**20)
     assert progress_line(copied, 11.0) == "saving 50/200 MiB 50 MiB/s ETA 3s"
 
