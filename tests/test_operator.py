@@ -26,7 +26,9 @@ from harness import GuestFactory, GuestSpec, Memory
 from cprd.ctl import VMProgress, agent_cell, progress_line
 from cprd.service import unvariant
 
-SCHEMA_DOC = Path(__file__).resolve().parent.parent / "docs" / "json-schema.md"
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_DOC = ROOT / "docs" / "json-schema.md"
+MAN_PAGE = ROOT / "man" / "cprdctl.8"
 
 # --- the documented schemas ---------------------------------------------------------------
 
@@ -116,6 +118,12 @@ def test_the_schema_doc_has_every_document() -> None:
                 "array of string",
                 *REFS,
             ), f"{name}.{path}: unknown type {kind!r}"
+    # cprdctl(8) names every field too (the meanings are in the doc).
+    man = set(re.findall(r"[a-z_]+", MAN_PAGE.read_text().replace("\\-", "-")))
+    for name, table in schemas.items():
+        for path in table:
+            leaf = path.rsplit(".", 1)[-1].removesuffix("[]")
+            assert leaf in man, f"cprdctl.8 does not name {name} field {path}"
 
 
 # --- pure rendering -------------------------------------------------------------------------
