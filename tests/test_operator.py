@@ -305,7 +305,8 @@ def test_progress_on_a_terminal(guests: GuestFactory, daemon: Daemon, vm_dir_roo
     if shutil.which("tmux") is None:
         pytest.fail("tmux is missing (scripts/setup.sh installs it)")
     names = ["alpha", "bravo", "charlie"]
-    vms = guests(*(GuestSpec(n, mem_mib=512, fill_mib=384) for n in names), timeout=120)
+    # Big enough that each save spans several progress intervals (0.25 s) on this host.
+    vms = guests(*(GuestSpec(n, mem_mib=768, fill_mib=512) for n in names), timeout=240)
     wait_vms(daemon, lambda v: set(v) == set(names), "three VMs held")
     tmux = Tmux(vm_dir_root / "tmux.sock")
     ctl = f"{BIN / 'cprdctl'} --bus '{daemon.bus}' prepare-kexec"
@@ -339,11 +340,11 @@ def test_progress_on_a_terminal(guests: GuestFactory, daemon: Daemon, vm_dir_roo
         for name in names:
             mine = [x for x in block if x.split()[:1] == [name]]
             assert len(mine) <= 1, "\n".join(screen)
-        busy = [x for x in block if re.search(r"  saving \d+/\d+ MiB \d+ MiB/s ETA", x)]
+        busy = [x for x in block if re.search(r"  saving \d+/\d+ MiB", x)]
         if len(busy) >= 2:
             saving += 1
-    # Several redraws with at least two VMs saving at once, each on its own line.
-    assert saving >= 3, "\n\n".join("\n".join(s) for s in screens)
+    # Redraws with at least two VMs saving at once, each on its own line.
+    assert saving >= 2, "\n\n".join("\n".join(s) for s in screens)
 
     block = progress_block(final)
     assert [x.split()[0] for x in block] == names, text
@@ -353,7 +354,10 @@ def test_progress_on_a_terminal(guests: GuestFactory, daemon: Daemon, vm_dir_roo
     head = next(i for i, x in enumerate(lines) if x.startswith("VM "))
     assert lines[head].split() == ["VM", "ACTION", "BYTES", "STOPPED"]
     for i, name in enumerate(names, 1):
-        assert re.fullmatch(rf"{name} +save \(RAM copied\) +\d+ MiB +\d+\.\ds", lines[head + i])
+        row = re.fullmatch(rf"{name} +save \(RAM copied\) +\d+ MiB +(\d+\.\d)s", lines[head + i])
+        assert row, lines[head + i]
+        # The premise: each save took at least two progress intervals.
+        assert float(row.group(1)) >= 0.5, f"{name}: saved too fast to test redraws: {text}"
     assert lines[head + 4].startswith("prepared: manifest ")
     for vm in vms:
         assert vm.runstate() == "postmigrate"
