@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
@@ -124,7 +125,10 @@ class Client:
     async def manifest(self) -> dict[str, Any]:
         """The daemon's manifest, parsed (CtlError when there is none)."""
         (text,) = await self.call("GetManifest")
-        data = safe_load(text)
+        try:
+            data = safe_load(text)
+        except yaml.YAMLError as err:
+            raise CtlError(f"GetManifest: not YAML: {err}", EXIT_FAILED) from err
         if not isinstance(data, dict):
             raise CtlError("GetManifest: the manifest is not a mapping", EXIT_FAILED)
         return data
