@@ -369,11 +369,17 @@ async def status(client: Client, as_json: bool) -> int:
         doc = {"schema_version": SCHEMA_VERSION, "state": props["State"], "vms": vms}
         print(json.dumps({**doc, "check": checks}))
         return EXIT_OK
+    print(f"cprd: {props['State']}, {props['VMCount']} VMs")
+    print(status_table(vms, checks, time.time()))
+    return EXIT_OK
+
+
+def status_table(vms: list[dict[str, Any]], checks: list[dict[str, Any]], now: float) -> str:
+    """`cprdctl status`'s table (pure); a STEP column when the daemon reports a VM's step."""
     by_name = {c["name"]: c for c in checks}
     steps = any(vm.get("step") for vm in vms)
     rows = [["VM", "RUNSTATE", *(["STEP"] if steps else []), "RAM", "MEMORY", "VFIO", "AGENT"]]
     rows[0] += ["ACTION", "TO WRITE"]
-    now = time.time()
     for vm in vms:
         c = by_name.get(vm["name"], {})
         classes = sorted({m["class"] for m in vm["memory"]})
@@ -386,13 +392,12 @@ async def status(client: Client, as_json: bool) -> int:
                 ",".join(classes),
                 str(len(vm["vfio_devices"])) if vm["vfio_devices"] else "-",
                 agent_cell(vm, now),
-                c.get("action", "?") if c.get("ok", False) else "REFUSED",
-                mib(c.get("bytes_to_write", 0)),
+                # No check result (e.g. a VM cprd saved, not checked again): nothing to say.
+                "-" if not c else c.get("action", "?") if c.get("ok") else "REFUSED",
+                mib(c["bytes_to_write"]) if "bytes_to_write" in c else "-",
             ]
         )
-    print(f"cprd: {props['State']}, {props['VMCount']} VMs")
-    print(table(rows))
-    return EXIT_OK
+    return table(rows)
 
 
 async def check(client: Client, as_json: bool) -> int:

@@ -23,7 +23,7 @@ from dbus_fast.auth import AuthExternal
 from fixtures_daemon import BIN, Daemon
 from harness import GuestFactory, GuestSpec, Memory
 
-from cprd.ctl import VMProgress, agent_cell, progress_line
+from cprd.ctl import VMProgress, agent_cell, progress_line, status_table
 from cprd.service import unvariant
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,6 +138,36 @@ def test_agent_cell_shows_the_last_probe_and_its_age() -> None:
     )
     assert agent_cell({**vm, "agent_probed_at": 0.0}, now) == "not probed"
     assert agent_cell({**vm, "agent_socket": ""}, now) == "-"
+
+
+def test_status_shows_a_step_when_the_daemon_reports_one() -> None:
+    vm = {
+        "name": "web",
+        "runstate": "running",
+        "ram_bytes": 2**27,
+        "memory": [{"class": "private"}],
+        "vfio_devices": [],
+        "agent_socket": "/q",
+        "agent_reachable": True,
+        "agent_probed_at": 90.0,
+    }
+    check = {"name": "web", "ok": True, "action": "save (RAM copied)", "bytes_to_write": 2**28}
+
+    def words(text: str) -> list[str]:
+        return [" ".join(line.split()) for line in text.splitlines()]
+
+    assert words(status_table([vm], [check], 100.0)) == [
+        "VM RUNSTATE RAM MEMORY VFIO AGENT ACTION TO WRITE",
+        "web running 128 MiB private - yes 10s ago save (RAM copied) 256 MiB",
+    ]
+    # A VM the daemon reports a step for, and checked no more: no REFUSED.
+    saved = {**vm, "runstate": "postmigrate", "step": "saved"}
+    assert words(status_table([saved], [], 100.0)) == [
+        "VM RUNSTATE STEP RAM MEMORY VFIO AGENT ACTION TO WRITE",
+        "web postmigrate saved 128 MiB private - yes 10s ago - -",
+    ]
+    refused = status_table([vm], [{**check, "ok": False}], 100.0)
+    assert words(refused)[1].endswith(" REFUSED 256 MiB")
 
 
 def test_an_in_place_save_says_nothing_to_copy() -> None:
