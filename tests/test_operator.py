@@ -23,7 +23,7 @@ from dbus_fast.auth import AuthExternal
 from fixtures_daemon import BIN, Daemon
 from harness import GuestFactory, GuestSpec, Memory
 
-from cprd.ctl import VMProgress, agent_cell, progress_line, status_table
+from cprd.render import VMProgress, agent_cell, progress_line, status_table
 from cprd.service import unvariant
 
 ROOT = Path(__file__).resolve().parent.parent
