@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cprd import manifest as mf
+from cprd import statefile
 from cprd.config import Config
 from cprd.errors import (
     AgentError,
@@ -400,11 +401,19 @@ class Saver:
         for cmd, args in w.plan.settings.commands():
             await conn.execute(cmd, args, timeout=self._qmp_timeout)
         path = Path(w.record.state_file)
-        mf.create_private(path)
+        # cprd creates the state file and hands it over: the QEMU may run as any user.
+        direct = statefile.uses_direct_io(w.plan.settings.parameters)
+        fds = statefile.open_fds(path, write=True, direct=direct)
+        try:
+            fdset = await statefile.add_fdset(conn, fds, f"cprd-save-{w.name}", self._qmp_timeout)
+        finally:
+            statefile.close(fds)
         self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
         journal.step(w.name, Step.MIGRATING)
         start = time.monotonic()
-        await conn.execute("migrate", {"uri": f"file:{path}"}, timeout=self._qmp_timeout)
+        await conn.execute(
+            "migrate", {"uri": f"file:/dev/fdset/{fdset}"}, timeout=self._qmp_timeout
+        )
         poll = POLL_FIRST
         while True:
             info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
@@ -414,6 +423,7 @@ class Saver:
             ram = info.get("ram", {})
             ram = ram if isinstance(ram, dict) else {}
             if status == "completed":
+                await statefile.remove_fdset(conn, fdset, self._qmp_timeout)
                 break
             if status in ("failed", "cancelled"):
                 raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")

@@ -171,3 +171,38 @@ async def test_restore_never_starts_a_second_qemu_beside_a_busy_monitor(
     assert "a QEMU already serves its socket" in out.reason
     assert vm.running_pids() == [vm.pid]
     assert Path(rec.state_file).exists()  # the state is kept
+
+
+def _uids(pid: int) -> list[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return [int(u) for u in line.split()[1:]]
+    raise AssertionError(f"no Uid line for pid {pid}")
+
+
+async def test_a_qemu_that_dropped_root_is_saved_and_restored(
+    guests: GuestFactory, vm_dir_root: Path
+) -> None:
+    """QEMU opens no state file itself: cprd creates it in its root-only state_dir and
+    hands it over (add-fd, file:/dev/fdset/N).  A QEMU that dropped root with
+    ``-run-with user=nobody`` is saved, committed and restored, and runs as nobody again
+    (its argv drops root again)."""
+    (vm,) = guests(GuestSpec("drop", extra_args=["-run-with", "user=nobody"]))
+    assert _uids(vm.pid)[0] == 65534
+    cfg = make_config(vm_dir_root)
+    inventory = Inventory(cfg)
+    try:
+        saver = Saver(cfg, inventory)
+        await saver.prepare()
+        await saver.commit()
+    finally:
+        await inventory.close()
+    vm.released()
+    assert oct(os.stat(cfg.state_dir).st_mode & 0o777) == "0o700"
+    tick = vm.last_tick()
+    result = await Restorer(cfg).run()
+    assert [(r.name, r.outcome.value) for r in result.vms] == [("drop", "restored")]
+    (pid,) = vm.running_pids()
+    assert _uids(pid)[0] == 65534
+    assert tick is not None
+    vm.wait_tick_above(tick)
