@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar, cast
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 __all__ = [
+    "AGENT_MODES",
     "AgentError",
     "ExecResult",
     "GuestFactory",
@@ -53,6 +54,8 @@ BUILD_SH = REPO / "tests" / "guest" / "build.sh"
 QEMU = os.environ.get("CPRD_TEST_QEMU", "qemu-system-x86_64")
 
 READY_MARK = "cprd-guest-ready"
+#: The hostile guest agents tests/guest/build.sh knows (GuestSpec.agent_mode).
+AGENT_MODES = ("longline", "endless", "deep", "errint", "badutf8", "drip")
 _TICK_RE = re.compile(r"cprd-tick (\d+)\r?\n")
 _SUN_PATH_MAX = 107
 
@@ -80,6 +83,12 @@ class GuestSpec:
     machine: str = "q35"  # or "pc"
     fill_mib: int = 0
     agent: bool = True
+    #: None: the real qemu-ga. Otherwise a hostile shell agent in the guest (tests/guest/
+    #: build.sh, cprd.agent=): "longline", "endless", "deep", "errint", "badutf8" or
+    #: "drip", which answers the first ``agent_good`` requests (guest-sync, guest-ping)
+    #: correctly and every later one with that hostile reply.
+    agent_mode: str | None = None
+    agent_good: int = 2
     extra_args: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -191,6 +200,10 @@ class GuestVM:
         spec = self.spec
         kernel, initrd = self.image
         append = f"console=ttyS0 quiet cprd.fill={spec.fill_mib}"
+        if spec.agent_mode is not None:
+            if spec.agent_mode not in AGENT_MODES:
+                raise ValueError(f"unknown agent_mode {spec.agent_mode!r} (one of {AGENT_MODES})")
+            append += f" cprd.agent={spec.agent_mode},{spec.agent_good}"
         machine = spec.machine
         argv = [
             QEMU,
