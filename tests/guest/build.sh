@@ -26,8 +26,8 @@
 #       longline  one line of 4 MiB           endless  bytes without a newline, forever
 #       deep      [[[[... 100000 deep          errint   {"error": 1}
 #       badutf8   invalid UTF-8, then newline  drip     a valid reply, one byte a second
-#     Other commands (guest-suspend-ram) get no reply. Without the argument (the default)
-#     the guest runs the real qemu-ga.
+#     Other commands (guest-suspend-ram) get no reply; each request is logged on ttyS0.
+#     Without the argument (the default) the guest runs the real qemu-ga.
 #   - kernel argument cprd.fill=<MiB>: fills a tmpfs with that much /dev/urandom data
 #   - prints `cprd-guest-ready`, then `cprd-tick N` (N = 1, 2, ...) every second, forever,
 #     on /dev/ttyS0.
@@ -255,6 +255,7 @@ while :; do
 	*) continue ;; # guest-suspend-ram and others: no reply (qemu-ga's on success)
 	esac
 	n=$((n + 1))
+	echo "cprd-hostile-agent: request $n: ${line%%,*}" >&2
 	if [ "$n" -gt "$good" ]; then
 		hostile "${id:-0}"
 	elif [ -n "$id" ]; then
