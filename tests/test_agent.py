@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from cprd import agent as agent_mod
-from cprd.agent import MAX_DEPTH, MAX_LINE, Agent, json_depth_exceeds
+from cprd.agent import MAX_DEPTH, MAX_LINE, Agent, json_depth_exceeds, parse_line
 from cprd.errors import AgentError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -219,7 +219,13 @@ def test_depth_scan() -> None:
     start = time.monotonic()
     assert not json_depth_exceeds(wide)
     assert time.monotonic() - start < 1
-    # Anything the scan lets through, json.loads parses without recursing too deep.
+    # Checked before json.loads, which itself would parse this depth without complaint.
+    deeper = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
+    assert json.loads(deeper)
+    with pytest.raises(AgentError):
+        parse_line(deeper)
+    inner = b"[" * (MAX_DEPTH - 1) + b"]" * (MAX_DEPTH - 1)  # in an object: MAX_DEPTH
+    assert parse_line(b'{"return": ' + inner + b"}") == {"return": json.loads(inner)}
     for depth in range(MAX_DEPTH - 2, MAX_DEPTH + 3):
         text = b"[" * depth + b"]" * depth
         assert json_depth_exceeds(text) == (depth > MAX_DEPTH)
@@ -352,52 +358,60 @@ async def test_last_resort_at_the_edge(tmp_path: Path) -> None:
 # --- seeded fuzz --------------------------------------------------------------------------
 
 
-def fuzz_payload(rng: random.Random, token: int) -> bytes:
-    """Bytes a broken or hostile guest might send in reply to guest-sync."""
+def fuzz_bytes(rng: random.Random, token: int) -> bytes:
+    """One hostile or broken line (or more, or less) that a guest might send."""
     kind = rng.randrange(8)
     if kind == 0:  # random bytes, some newlines
         return rng.randbytes(rng.randrange(1, 4096))
-    if kind == 1:  # valid reply with random bytes flipped
-        data = bytearray(b'{"return": %d}\n{"return": {"x": [1, 2]}}\n' % token)
+    if kind == 1:  # a valid answer with random bytes flipped
+        data = bytearray(rng.choice([b'{"return": %d}\n' % token, b'{"return": {"x": [1]}}\n']))
         for _ in range(rng.randrange(1, 4)):
             data[rng.randrange(len(data))] = rng.randrange(256)
         return bytes(data)
-    if kind == 2:  # random nesting of brackets and quotes
+    if kind == 2:  # a soup of brackets, quotes, escapes and literals
         alphabet = b'[]{}",:\\ 0123456789truefalsnl'
         return bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 2000))) + b"\n"
-    if kind == 3:  # deep but mixed
+    if kind == 3:  # deep, mixed, unclosed
         depth = rng.randrange(MAX_DEPTH - 3, 5 * MAX_DEPTH)
         opens = bytes(rng.choice(b"[{") for _ in range(depth))
         return b'{"return": %d, "x": ' % token + opens + b"\n"
     if kind == 4:  # odd types in the fields cprd reads
         value = rng.choice(["1", "true", "null", '"s"', "[]", "{}", "1e999", "NaN", "-0"])
-        field = rng.choice(["return", "error"])
-        sync = b'{"return": %d}\n' % token if rng.random() < 0.5 else b""
-        return sync + b'{"%s": %s}\n' % (field.encode(), value.encode())
-    if kind == 5:  # huge number (int parsing has its own limit) and long lines
+        desc = rng.choice(["", ', "desc": 1', ', "desc": null', ', "desc": "\\u0000\\n"'])
+        field = rng.choice([b'{"return": %s}', b'{"error": %s}', b'{"error": {"class": %s%s}}'])
+        args = (value.encode(), desc.encode()) if field.count(b"%s") == 2 else (value.encode(),)
+        return field % args + b"\n"
+    if kind == 5:  # a huge number (int parsing has its own digit limit)
         return b'{"return": ' + b"9" * rng.randrange(4000, 6000) + b"}\n"
     if kind == 6:  # a line near the limit
         return b"x" * rng.randrange(MAX_LINE - 10, MAX_LINE + 10) + b"\n"
-    # the right answer, then garbage for the command's reply
-    return b'{"return": %d}\n' % token + rng.randbytes(rng.randrange(1, 512)) + b"\n"
+    return rng.randbytes(rng.randrange(1, 512)) + b"\n"
 
 
 async def test_fuzz(tmp_path: Path) -> None:
-    """Seeded random replies: every call returns or raises AgentError, within its timeout."""
+    """Seeded random replies, to guest-sync or (after a right sync answer) to the command:
+    every call returns or raises AgentError, within its timeout."""
     rng = random.Random(20261201)
     outcomes: dict[str, int] = {}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         _, token = await read_request(reader)
         assert token is not None
-        writer.write(fuzz_payload(rng, token))
+        if rng.random() < 0.5:
+            writer.write(fuzz_bytes(rng, token))
+        else:
+            writer.write(b'{"return": %d}\n' % token)
+            await writer.drain()
+            await read_request(reader)
+            writer.write(fuzz_bytes(rng, token))
         await writer.drain()
-        if rng.random() < 0.8:  # mostly hang up (quick), sometimes wait for the deadline
+        if rng.random() < 0.5:  # hang up (quick), or let the client meet its deadline
+            await asyncio.sleep(0.05)
             return
         await asyncio.sleep(3600)
 
     async with serve(tmp_path, handler) as path:
-        for _ in range(300):
+        for _ in range(200):
             result, _ = await timed_call(path, timeout=0.25)
             if isinstance(result, AgentError):
                 agent_error(result)
@@ -406,4 +420,4 @@ async def test_fuzz(tmp_path: Path) -> None:
                 key = "ok"
             outcomes[key] = outcomes.get(key, 0) + 1
     print(sorted(outcomes.items()))
-    assert len(outcomes) >= 3, outcomes
+    assert len(outcomes) >= 4, outcomes
