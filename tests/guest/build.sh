@@ -240,9 +240,10 @@ hostile() { # $1: the id of a guest-sync, or 0
 	esac
 }
 while :; do
-	# EOF while no host client is connected: look again shortly
+	# EOF while no host client is connected: look again soon (sleep is a fork and an
+	# exec in busybox sh: not too often, it costs a TCG guest dearly)
 	if ! IFS= read -r line <&3; then
-		sleep 0.1
+		sleep 0.5
 		continue
 	fi
 	case $line in
