@@ -1,9 +1,10 @@
 """Real QEMU test guests for cprd's tests (plain module, no pytest here).
 
 The guest is built by tests/guest/build.sh: a Debian kernel with a busybox initramfs that
-runs qemu-ga on the virtio-serial port, optionally fills ``cprd.fill=<MiB>`` of tmpfs with
-random data, prints ``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a
-second on its serial console, which QEMU writes to ``<dir>/serial.log``.
+runs qemu-ga on the virtio-serial port (or, with ``GuestSpec.agent_mode``, a hostile shell
+agent), optionally fills ``cprd.fill=<MiB>`` of tmpfs with random data, prints
+``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a second on its serial
+console, which QEMU writes to ``<dir>/serial.log``.
 
 Each VM gets two QMP sockets: ``qmp.sock`` for cprd (the daemon under test) and
 ``test-qmp.sock`` for the test's own look (a QMP socket serves one client at a time), and
