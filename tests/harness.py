@@ -1,9 +1,10 @@
 """Real QEMU test guests for cprd's tests (plain module, no pytest here).
 
 The guest is built by tests/guest/build.sh: a Debian kernel with a busybox initramfs that
-runs qemu-ga on the virtio-serial port, optionally fills ``cprd.fill=<MiB>`` of tmpfs with
-random data, prints ``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a
-second on its serial console, which QEMU writes to ``<dir>/serial.log``.
+runs qemu-ga on the virtio-serial port (or, with ``GuestSpec.agent_mode``, a hostile shell
+agent), optionally fills ``cprd.fill=<MiB>`` of tmpfs with random data, prints
+``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a second on its serial
+console, which QEMU writes to ``<dir>/serial.log``.
 
 Each VM gets two QMP sockets: ``qmp.sock`` for cprd (the daemon under test) and
 ``test-qmp.sock`` for the test's own look (a QMP socket serves one client at a time), and
@@ -36,6 +37,7 @@ from typing import Any, Protocol, TypeVar, cast
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 __all__ = [
+    "AGENT_MODES",
     "AgentError",
     "ExecResult",
     "GuestFactory",
@@ -53,6 +55,8 @@ BUILD_SH = REPO / "tests" / "guest" / "build.sh"
 QEMU = os.environ.get("CPRD_TEST_QEMU", "qemu-system-x86_64")
 
 READY_MARK = "cprd-guest-ready"
+#: The hostile guest agents tests/guest/build.sh knows (GuestSpec.agent_mode).
+AGENT_MODES = ("longline", "endless", "deep", "errint", "badutf8", "drip")
 _TICK_RE = re.compile(r"cprd-tick (\d+)\r?\n")
 _SUN_PATH_MAX = 107
 
@@ -80,6 +84,12 @@ class GuestSpec:
     machine: str = "q35"  # or "pc"
     fill_mib: int = 0
     agent: bool = True
+    #: None: the real qemu-ga. Otherwise a hostile shell agent in the guest (tests/guest/
+    #: build.sh, cprd.agent=): "longline", "endless", "deep", "errint", "badutf8" or
+    #: "drip", which answers the first ``agent_good`` requests (guest-sync, guest-ping)
+    #: correctly and every later one with that hostile reply.
+    agent_mode: str | None = None
+    agent_good: int = 2
     extra_args: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -193,6 +203,10 @@ class GuestVM:
         # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can
         # miss ticks and panic ("IO-APIC + timer doesn't work"); seen here under load.
         append = f"console=ttyS0 quiet no_timer_check cprd.fill={spec.fill_mib}"
+        if spec.agent_mode is not None:
+            if spec.agent_mode not in AGENT_MODES:
+                raise ValueError(f"unknown agent_mode {spec.agent_mode!r} (one of {AGENT_MODES})")
+            append += f" cprd.agent={spec.agent_mode},{spec.agent_good}"
         machine = spec.machine
         argv = [
             QEMU,
