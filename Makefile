@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup check lint test test-fast demo bench deb kexec-e2e clean
+.PHONY: setup check lint test test-fast demo bench deb kexec-e2e faults clean
 
 setup:
 	bash scripts/setup.sh
@@ -31,6 +31,12 @@ bench: setup
 # gets its VMs back; prints the figures. About 10-15 minutes here.
 kexec-e2e: setup
 	$(PY) scripts/kexec_e2e.py $(KEXEC_E2E_ARGS)
+
+# Issue 12: every journalled step x every fault, on real guests (tests/fault_matrix.py).
+# The slice: every step once and every fault once; FULL=1 the whole matrix.  Prints the
+# matrix and `N passed, M failed`; fails on any FAIL or a cell count short of the plan.
+faults: setup
+	PYTHONPATH=$(CURDIR) $(PY) tests/fault_matrix.py $(if $(filter 1,$(FULL)),--full) $(FAULTS_ARGS)
 
 # The Debian package, into build/deb (see packaging/).
 deb: setup

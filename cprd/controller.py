@@ -110,7 +110,7 @@ class Controller:
         phase = self._manifest_phase()
         if phase is Phase.PREPARING:
             # The daemon died mid-save: every step it took is recorded; put the VMs back.
-            logger.warning("found a manifest in phase preparing: putting its VMs back")
+            logger.warning("found a manifest in phase preparing: resuming its VMs")
             async with self._lock:
                 try:
                     outcomes = await self.saver.resume()

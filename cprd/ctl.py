@@ -1,10 +1,15 @@
 """``cprdctl``: the operator's client of the cprd daemon on D-Bus.
 
-    cprdctl [--bus ADDRESS] status|check|manifest [--json]
+    cprdctl [--bus ADDRESS] status|check [--json]
+    cprdctl [--bus ADDRESS] manifest [--json|--yaml]
     cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume | restore
     cprdctl [--bus ADDRESS] upgrade-qemu [--binary PATH] [VM ...]
     cprdctl [--bus ADDRESS] kexec [--kernel K [--initrd I] [--append A | --reuse-cmdline]]
+                                  [--shutdown VM ...]
     cprdctl guard-stop        (ExecStop of cprd-kexec-guard.service)
+
+The JSON documents (``--json``) carry ``schema_version`` (:data:`SCHEMA_VERSION`); their
+fields are documented in docs/json-schema.md.
 
 Exit codes: 0 success; 1 the operation failed (the VMs were put back); 2 bad usage;
 3 cprd is not reachable or the call was denied; 4 cprd is busy or in the wrong phase.
@@ -14,19 +19,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
+import yaml
 from dbus_fast import BusType, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 
 from cprd import __version__
+from cprd.config import safe_load
+from cprd.render import (
+    VMProgress,
+    manifest_summary,
+    progress_line,
+    save_summary,
+    status_table,
+)
+from cprd.service import SCHEMA_VERSION
 from cprd.service import unvariant as plain
 
 NAME, PATH, IFACE = "org.cprd.Cprd1", "/org/cprd/Cprd1", "org.cprd.Cprd1.Manager"
@@ -101,7 +118,7 @@ class Client:
             raise CtlError(f"{name.rsplit('.', 1)[-1]}: {text}", code)
         return list(reply.body)
 
-    async def watch_progress(self, tty: bool) -> None:
+    async def watch_progress(self, printer: ProgressPrinter) -> None:
         await self.call(
             "AddMatch",
             "s",
@@ -110,84 +127,119 @@ class Client:
             dest="org.freedesktop.DBus",
             path="/org/freedesktop/DBus",
         )
-        printer = ProgressPrinter(tty)
         self.bus.add_message_handler(printer.on_message)
+
+    async def manifest(self) -> dict[str, Any]:
+        """The daemon's manifest, parsed (CtlError when there is none)."""
+        (text,) = await self.call("GetManifest")
+        try:
+            data = safe_load(text)
+        except yaml.YAMLError as err:
+            raise CtlError(f"GetManifest: not YAML: {err}", EXIT_FAILED) from err
+        if not isinstance(data, dict):
+            raise CtlError("GetManifest: the manifest is not a mapping", EXIT_FAILED)
+        return data
 
 
 class ProgressPrinter:
-    """Per VM: bytes, rate, ETA; a live line on a terminal, plain lines otherwise."""
+    """Per VM: phase, bytes, rate, ETA.  On a terminal one line per VM, redrawn together;
+    otherwise a plain line whenever a VM's phase changes.
 
-    def __init__(self, tty: bool) -> None:
+    Signals are queued as they arrive (with their arrival time) and drawn by :meth:`run`,
+    which first reads the manifest the prepare wrote before it stopped any VM, to know
+    which VMs keep their RAM in place."""
+
+    def __init__(self, client: Client, tty: bool) -> None:
+        self.client = client
         self.tty = tty
-        self.started: dict[str, float] = {}
-        self.phase: dict[str, str] = {}
+        self.vms: dict[str, VMProgress] = {}
+        self.queue: asyncio.Queue[tuple[float, str, str, int, int]] = asyncio.Queue()
+        self.drawn = 0
+        self._task: asyncio.Task[None] | None = None
 
     def on_message(self, msg: Message) -> bool:
         if msg.member != "Progress" or msg.message_type != MessageType.SIGNAL:
             return False
         name, phase, done, total = msg.body
-        now = time.monotonic()
-        elapsed = max(now - self.started.setdefault(name, now), 1e-6)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 and total > done else 0.0
-        line = (
-            f"{name}: {phase} {done / 2**20:.0f}/{total / 2**20:.0f} MiB "
-            f"{rate / 2**20:.0f} MiB/s ETA {eta:.0f}s"
-        )
-        final = phase in ("saved", "restored")
-        if self.tty:
-            print(f"\r\033[K{line}", end="\n" if final else "", flush=True)
-        elif self.phase.get(name) != phase:
-            print(line, flush=True)
-        self.phase[name] = phase
+        self.queue.put_nowait((time.monotonic(), str(name), str(phase), int(done), int(total)))
         return False
 
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="progress")
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+    async def stop(self) -> None:
+        """Draw what is queued (the signals sent before the reply), then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while not self.queue.empty():
+            self._apply(*self.queue.get_nowait())
+        self.draw()
 
+    async def run(self) -> None:
+        item = await self.queue.get()
+        await self._learn_in_place()
+        self._apply(*item)
+        self.draw()
+        while True:
+            self._apply(*await self.queue.get())
+            self.draw()
 
-def mib(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB"
+    async def _learn_in_place(self) -> None:
+        try:
+            manifest = await self.client.manifest()
+        except CtlError:
+            return
+        for vm in manifest.get("vms", []):
+            if isinstance(vm, dict) and vm.get("in_place"):
+                self.vms.setdefault(str(vm.get("name")), VMProgress()).in_place = True
+
+    def _apply(self, at: float, name: str, phase: str, done: int, total: int) -> None:
+        p = self.vms.setdefault(name, VMProgress())
+        changed = phase != p.phase
+        p.update(at, phase, done, total)
+        if not self.tty and changed:
+            print(f"{name}: {progress_line(p, at)}", flush=True)
+
+    def draw(self) -> None:
+        if not self.tty or not self.vms:
+            return
+        now = time.monotonic()
+        width = max(shutil.get_terminal_size().columns - 1, 20)
+        name_width = max(len(n) for n in self.vms)
+        out = [f"\033[{self.drawn}A"] if self.drawn else []
+        for name, p in sorted(self.vms.items()):
+            if not p.phase:
+                continue
+            line = f"{name.ljust(name_width)}  {progress_line(p, now)}"[:width]
+            out.append(f"\r\033[K{line}\n")
+        self.drawn = len(out) - (1 if self.drawn else 0)
+        sys.stdout.write("".join(out))
+        sys.stdout.flush()
 
 
 async def status(client: Client, as_json: bool) -> int:
+    # Check first: it probes each guest agent, so the list read after it shows that probe.
+    checks = plain((await client.call("Check", timeout=120))[0])
     vms = plain((await client.call("ListVMs"))[0])
     props = plain(
         (await client.call("GetAll", "s", [IFACE], iface="org.freedesktop.DBus.Properties"))[0]
     )
-    checks = {c["name"]: c for c in plain((await client.call("Check", timeout=120))[0])}
     if as_json:
-        print(json.dumps({"state": props["State"], "vms": vms, "check": list(checks.values())}))
+        doc = {"schema_version": SCHEMA_VERSION, "state": props["State"], "vms": vms}
+        print(json.dumps({**doc, "check": checks}))
         return EXIT_OK
-    rows = [["VM", "RUNSTATE", "RAM", "MEMORY", "VFIO", "AGENT", "ACTION", "TO WRITE"]]
-    for vm in vms:
-        c = checks.get(vm["name"], {})
-        classes = sorted({m["class"] for m in vm["memory"]})
-        rows.append(
-            [
-                vm["name"],
-                vm["runstate"],
-                mib(vm["ram_bytes"]),
-                ",".join(classes),
-                str(len(vm["vfio_devices"])) if vm["vfio_devices"] else "-",
-                "yes" if vm["agent_reachable"] else ("no" if vm["agent_socket"] else "-"),
-                c.get("action", "?") if c.get("ok", False) else "REFUSED",
-                mib(c.get("bytes_to_write", 0)),
-            ]
-        )
     print(f"cprd: {props['State']}, {props['VMCount']} VMs")
-    print(table(rows))
+    print(status_table(vms, checks, time.time()))
     return EXIT_OK
 
 
 async def check(client: Client, as_json: bool) -> int:
     results = plain((await client.call("Check", timeout=120))[0])
     if as_json:
-        print(json.dumps(results))
+        print(json.dumps({"schema_version": SCHEMA_VERSION, "check": results}))
     else:
         for r in results:
             what = "ok" if r["ok"] else "; ".join(r["problems"])
@@ -199,11 +251,38 @@ async def check(client: Client, as_json: bool) -> int:
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
 
 
-async def prepare(client: Client, commit: bool) -> int:
-    await client.watch_progress(sys.stdout.isatty())
-    options = {"commit": Variant("b", True)} if commit else {}
-    (path,) = await client.call("PrepareKexec", "a{sv}", [options], timeout=LONG_CALL)
-    print(f"prepared{' and committed' if commit else ''}: manifest {path}")
+async def manifest(client: Client, form: str) -> int:
+    if form == "yaml":
+        (text,) = await client.call("GetManifest")
+        print(text, end="")
+    elif form == "json":
+        doc = {"schema_version": SCHEMA_VERSION, "manifest": await client.manifest()}
+        print(json.dumps(doc))
+    else:
+        print(manifest_summary(await client.manifest()))
+    return EXIT_OK
+
+
+async def prepare(
+    client: Client, commit: bool, shutdown: list[str] | None = None, best_effort: bool = False
+) -> int:
+    printer = ProgressPrinter(client, sys.stdout.isatty())
+    await client.watch_progress(printer)
+    options: dict[str, Variant] = {}
+    if commit:
+        options["commit"] = Variant("b", True)
+    if shutdown:
+        options["shutdown"] = Variant("as", shutdown)
+    if best_effort:
+        options["best_effort"] = Variant("b", True)
+    printer.start()
+    try:
+        (path,) = await client.call("PrepareKexec", "a{sv}", [options], timeout=LONG_CALL)
+    finally:
+        await printer.stop()
+    with contextlib.suppress(CtlError):  # the save is done; the table is a courtesy
+        print(save_summary(await client.manifest(), printer.vms))
+    print(f"prepared{' and committed' if commit or best_effort else ''}: manifest {path}")
     return EXIT_OK
 
 
@@ -231,12 +310,9 @@ def load_kernel(args: argparse.Namespace) -> None:
 
 async def kexec(client: Client, args: argparse.Namespace) -> int:
     load_kernel(args)  # before anything is stopped
-    await prepare(client, commit=False)
-    try:
-        await client.call("Commit", timeout=LONG_CALL)
-    except CtlError:
-        await client.call("Resume", "", timeout=LONG_CALL)
-        raise
+    # All or nothing: a failed save or a failed commit puts every VM back (the daemon
+    # does it) and nothing is kexeced.
+    await prepare(client, commit=True, shutdown=args.shutdown)
     # `systemctl kexec`: systemd stops the units, then kexecs into the loaded kernel.
     try:
         await client.call(
@@ -275,10 +351,10 @@ async def guard_stop(client: Client) -> int:
     )
     if state == "committed":
         return EXIT_OK
-    if state == "prepared":
-        await client.call("Commit", timeout=LONG_CALL)
-        return EXIT_OK
-    return await prepare(client, commit=True)
+    # The kexec goes ahead whatever happens now: save what can be saved, shut down the
+    # rest (vms.<name>.on_kexec_failure), commit.  The daemon waits for an operation in
+    # flight instead of answering Busy.
+    return await prepare(client, commit=True, best_effort=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -294,9 +370,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("status", "every VM and what a kexec would do to it"),
         ("check", "preflight; changes nothing"),
-        ("manifest", "the current manifest"),
     ):
         sub.add_parser(name, help=text).add_argument("--json", action="store_true")
+    m = sub.add_parser("manifest", help="the current manifest: a summary table")
+    form = m.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_const", dest="form", const="json")
+    form.add_argument("--yaml", action="store_const", dest="form", const="yaml")
     sub.add_parser("prepare-kexec", help="save every VM; resumable until commit").add_argument(
         "--commit", action="store_true", help="then quit the saved QEMUs"
     )
@@ -312,6 +391,14 @@ def _parser() -> argparse.ArgumentParser:
     group = k.add_mutually_exclusive_group()
     group.add_argument("--append")
     group.add_argument("--reuse-cmdline", action="store_true")
+    k.add_argument(
+        "--shutdown",
+        action="append",
+        default=[],
+        metavar="VM",
+        help="shut this VM down cleanly (cold boot after the kexec) instead of saving it; "
+        "repeatable",
+    )
     sub.add_parser("guard-stop")  # ExecStop of cprd-kexec-guard.service
     return p
 
@@ -324,9 +411,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "check":
             return await check(client, args.json)
         if args.command == "manifest":
-            (text,) = await client.call("GetManifest")
-            print(json.dumps({"manifest": text}) if args.json else text, end="")
-            return EXIT_OK
+            return await manifest(client, args.form or "table")
         if args.command == "prepare-kexec":
             return await prepare(client, args.commit)
         if args.command in ("commit", "resume", "restore"):

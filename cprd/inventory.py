@@ -338,7 +338,13 @@ class Inventory:
         if probe_agent and facts.agent_socket:
             agent = handle.agent(timeout=3.0)
             assert agent is not None
-            facts = facts.replace(agent_reachable=await agent.ping())
+            facts = facts.replace(agent_reachable=await agent.ping(), agent_probed_at=time.time())
+        elif facts.agent_socket == handle.facts.agent_socket:
+            # Not probed this time: the last probe's result and time stand (not a default).
+            facts = facts.replace(
+                agent_reachable=handle.facts.agent_reachable,
+                agent_probed_at=handle.facts.agent_probed_at,
+            )
         if facts != handle.facts:
             handle.facts = facts
             self._changed(handle, "changed")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cprd import manifest as mf
+from cprd import statefile
 from cprd.config import Config
 from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
 from cprd.launch import Launcher, make_launcher
@@ -191,6 +192,11 @@ class Restorer:
                         os.unlink(rec.state_file)
                 return
             reason = res.describe()
+            if res.decision.action is Action.LOST and rec.state_size is not None:
+                try:
+                    check_files(rec, self.config.state_dir)  # what exactly is wrong with it
+                except RestoreError as err:
+                    reason = str(err).removeprefix(f"{name}: ")
             emit(
                 logger,
                 logging.ERROR,
@@ -222,8 +228,16 @@ class Restorer:
             conn = await self._connect(rec, process)
             for cmd, args in rec.settings.commands():
                 await conn.execute(cmd, args)
-            await conn.execute("migrate-incoming", {"uri": f"file:{rec.state_file}"})
+            # cprd opens the state file and hands it over: the QEMU may run as any user.
+            direct = statefile.uses_direct_io(rec.settings.parameters)
+            fds = statefile.open_fds(Path(rec.state_file), write=False, direct=direct)
+            try:
+                fdset = await statefile.add_fdset(conn, fds, f"cprd-restore-{rec.name}", 10)
+            finally:
+                statefile.close(fds)
+            await conn.execute("migrate-incoming", {"uri": f"file:/dev/fdset/{fdset}"})
             await self._wait_incoming(rec, conn)
+            await statefile.remove_fdset(conn, fdset, 10)
             final = await self._finish(rec, conn)
         except BaseException:
             await self.launcher.stop(process)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cprd import manifest as mf
+from cprd import statefile
 from cprd.config import Config
 from cprd.errors import (
     AgentError,
@@ -235,6 +236,11 @@ class Saver:
         try:
             async with asyncio.timeout(self.config.save.timeout_s):
                 await self._save_all(journal, todo, isolate=anyway)
+            if not anyway:
+                # By construction, not by trust in the code above: prepared means saved.
+                unsaved = [w.name for w in todo if journal.vm(w.name).step is not Step.SAVED]
+                if unsaved:
+                    raise StateError(f"not saved: {', '.join(unsaved)}")
         except TimeoutError:
             reason = f"deadline of {self.config.save.timeout_s}s passed"
         except asyncio.CancelledError as err:
@@ -340,6 +346,8 @@ class Saver:
                     await self._suspend(journal, w)
                 await self._migrate(journal, w)
                 w.seconds = time.monotonic() - start
+        except asyncio.CancelledError:
+            raise  # cancelled because another VM failed, or the whole prepare was
         except BaseException as err:
             w.error = _describe(err)
             if isinstance(err, Exception):
@@ -395,11 +403,19 @@ class Saver:
         for cmd, args in w.plan.settings.commands():
             await conn.execute(cmd, args, timeout=self._qmp_timeout)
         path = Path(w.record.state_file)
-        mf.create_private(path)
+        # cprd creates the state file and hands it over: the QEMU may run as any user.
+        direct = statefile.uses_direct_io(w.plan.settings.parameters)
+        fds = statefile.open_fds(path, write=True, direct=direct)
+        try:
+            fdset = await statefile.add_fdset(conn, fds, f"cprd-save-{w.name}", self._qmp_timeout)
+        finally:
+            statefile.close(fds)
         self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
         journal.step(w.name, Step.MIGRATING)
         start = time.monotonic()
-        await conn.execute("migrate", {"uri": f"file:{path}"}, timeout=self._qmp_timeout)
+        await conn.execute(
+            "migrate", {"uri": f"file:/dev/fdset/{fdset}"}, timeout=self._qmp_timeout
+        )
         poll = POLL_FIRST
         while True:
             info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
@@ -409,6 +425,7 @@ class Saver:
             ram = info.get("ram", {})
             ram = ram if isinstance(ram, dict) else {}
             if status == "completed":
+                await statefile.remove_fdset(conn, fdset, self._qmp_timeout)
                 break
             if status in ("failed", "cancelled"):
                 raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
@@ -617,7 +634,7 @@ def _int(value: object) -> int:
 def _outcome_text(res: Settled) -> str:
     step = res.record.step
     if step is Step.PLANNED:
-        return "untouched"
+        return f"untouched, still {res.record.runstate_before}"
     if step is Step.RESTORED:
         return f"resumed from its state file ({res.record.reason or res.decision.why})"
     return f"resumed ({res.decision.why})"

@@ -35,6 +35,10 @@ IFACE = "org.cprd.Cprd1.Manager"
 ERROR_PREFIX = "org.cprd.Cprd1.Error."
 LOGIND = "org.freedesktop.login1"
 PROGRESS_INTERVAL = 0.25
+#: Version of the documents ListVMs, VMChanged and Check send (each dict carries it) and
+#: of cprdctl's JSON output (docs/json-schema.md).  Bump it when a field changes meaning
+#: or goes away; adding a field does not.
+SCHEMA_VERSION = 1
 
 VarDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
 VarDicts = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
@@ -70,6 +74,11 @@ def vardict(data: Mapping[str, object]) -> dict[str, Variant]:
     return {k: variant(v) for k, v in data.items()}
 
 
+def document(data: Mapping[str, object]) -> dict[str, Variant]:
+    """A versioned D-Bus document: ``schema_version`` first, then the fields."""
+    return vardict({"schema_version": SCHEMA_VERSION, **data})
+
+
 def unvariant(value: Any) -> Any:
     """D-Bus values (variants nested in dicts and lists) as plain Python data."""
     if isinstance(value, Variant):
@@ -102,11 +111,11 @@ class Manager(ServiceInterface):
 
     @dbus_method()
     def ListVMs(self) -> VarDicts:
-        return [vardict(h.facts.to_dict()) for h in self.controller.vms()]
+        return [document(h.facts.to_dict()) for h in self.controller.vms()]
 
     @dbus_method()
     async def Check(self) -> VarDicts:
-        return [vardict(r) for r in await dbus_errors(self.controller.check())]
+        return [document(r) for r in await dbus_errors(self.controller.check())]
 
     @dbus_method()
     async def PrepareKexec(self, options: VarDict) -> DBusStr:
@@ -207,7 +216,7 @@ class Manager(ServiceInterface):
         self.emit_properties_changed({"State": state.value})
 
     def _vm_changed(self, name: str, facts: VMFacts | None) -> None:
-        self.VMChanged(name, vardict(facts.to_dict()) if facts else {})
+        self.VMChanged(name, document(facts.to_dict()) if facts else {})
         self.emit_properties_changed({"VMCount": len(self.controller.vms())})
 
     def _progress(self, name: str, phase: str, done: int, total: int) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -178,7 +179,9 @@ class Settler:
         """The recorded QEMU is gone: does another one serve the VM's socket?"""
         conn = self._lookup(rec.qmp_socket)
         owned = False
-        if conn is None or conn.closed.is_set():
+        # The inventory may still hold its link to the QEMU that just quit (its end of
+        # the socket not yet seen closed): that is not another QEMU.
+        if conn is None or conn.closed.is_set() or not alive(conn.pid):
             try:
                 conn = await QMPConnection.open(Path(rec.qmp_socket), rec.name, timeout=2)
             except MonitorBusyError:
@@ -211,6 +214,8 @@ class Settler:
                 errors.append(f"cannot observe: {err}")
                 seen = Seen(Qemu.HUNG if alive(rec.pid) else Qemu.GONE)
             decision = decide(facts_of(rec), seen, intent)
+            if decision.action is Action.DONE and self._entering_s3(rec, seen):
+                decision = Decision(Action.WAIT, "guest-suspend-ram sent: it may yet reach S3")
             logger.debug("%s: %s -> %s (%s)", name, seen, decision.action.value, decision.why)
             if decision.action in (Action.LAUNCH, Action.COLD_BOOT) and launched:
                 # One start per settle: a second would fail the same way.
@@ -244,6 +249,22 @@ class Settler:
                     vm=name,
                 )
                 await asyncio.sleep(POLL)
+
+    def _entering_s3(self, rec: VMRecord, seen: Seen) -> bool:
+        """guest-suspend-ram was (or was about to be) sent and the guest still runs: it
+        may yet enter S3, and a VM called running now would then stay asleep.  Wait for
+        it until save.suspend_timeout_s after the step was recorded (then wake it)."""
+        if rec.step is not Step.SUSPENDING or seen.qemu is not Qemu.UP:
+            return False
+        if seen.runstate != "running" or not rec.history:
+            return False
+        step, at = rec.history[-1]
+        try:
+            since = datetime.datetime.fromisoformat(at)
+        except ValueError:
+            return False
+        age = (datetime.datetime.now(datetime.UTC) - since).total_seconds()
+        return step == Step.SUSPENDING.value and age < self.config.save.suspend_timeout_s
 
     def _record(self, rec: VMRecord, decision: Decision) -> VMRecord:
         assert decision.to is not None

@@ -74,6 +74,8 @@ class VMFacts:
     migration_blockers: tuple[str, ...]
     agent_socket: str | None = None
     agent_reachable: bool = False
+    #: wall-clock time (time.time()) of the probe behind agent_reachable; 0.0: never probed
+    agent_probed_at: float = 0.0
     aux_ram_share: bool = False  # -machine aux-ram-share=on (needed by cpr-transfer)
     #: the process as found at discovery: compared again before commit
     identity: ProcIdentity | None = None
@@ -117,6 +119,7 @@ class VMFacts:
             ],
             "agent_socket": self.agent_socket or "",
             "agent_reachable": self.agent_reachable,
+            "agent_probed_at": self.agent_probed_at,
         }
 
 

@@ -18,7 +18,7 @@ BACKPORTS=/etc/apt/sources.list.d/cprd-bookworm-backports.sources
 PKGS=(busybox-static cpio dbus libsystemd-dev pkg-config kexec-tools gcc make
       python3-venv python3-dev systemd iproute2 util-linux e2fsprogs
       build-essential dpkg-dev debhelper python3-pip lintian man-db groff-base
-      python3-yaml python3-systemd debootstrap)
+      python3-yaml python3-systemd debootstrap tmux)
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent)
 
 need_bpo=0

@@ -1,9 +1,10 @@
 """Real QEMU test guests for cprd's tests (plain module, no pytest here).
 
 The guest is built by tests/guest/build.sh: a Debian kernel with a busybox initramfs that
-runs qemu-ga on the virtio-serial port, optionally fills ``cprd.fill=<MiB>`` of tmpfs with
-random data, prints ``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a
-second on its serial console, which QEMU writes to ``<dir>/serial.log``.
+runs qemu-ga on the virtio-serial port (or, with ``GuestSpec.agent_mode``, a hostile shell
+agent), optionally fills ``cprd.fill=<MiB>`` of tmpfs with random data, prints
+``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a second on its serial
+console, which QEMU writes to ``<dir>/serial.log``.
 
 Each VM gets two QMP sockets: ``qmp.sock`` for cprd (the daemon under test) and
 ``test-qmp.sock`` for the test's own look (a QMP socket serves one client at a time), and
@@ -36,6 +37,7 @@ from typing import Any, Protocol, TypeVar, cast
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 __all__ = [
+    "AGENT_MODES",
     "AgentError",
     "ExecResult",
     "GuestFactory",
@@ -53,6 +55,8 @@ BUILD_SH = REPO / "tests" / "guest" / "build.sh"
 QEMU = os.environ.get("CPRD_TEST_QEMU", "qemu-system-x86_64")
 
 READY_MARK = "cprd-guest-ready"
+#: The hostile guest agents tests/guest/build.sh knows (GuestSpec.agent_mode).
+AGENT_MODES = ("longline", "endless", "deep", "errint", "badutf8", "drip")
 _TICK_RE = re.compile(r"cprd-tick (\d+)\r?\n")
 _SUN_PATH_MAX = 107
 
@@ -80,6 +84,12 @@ class GuestSpec:
     machine: str = "q35"  # or "pc"
     fill_mib: int = 0
     agent: bool = True
+    #: None: the real qemu-ga. Otherwise a hostile shell agent in the guest (tests/guest/
+    #: build.sh, cprd.agent=): "longline", "endless", "deep", "errint", "badutf8" or
+    #: "drip", which answers the first ``agent_good`` requests (guest-sync, guest-ping)
+    #: correctly and every later one with that hostile reply.
+    agent_mode: str | None = None
+    agent_good: int = 2
     extra_args: list[str] = dataclasses.field(default_factory=list)
     #: the QEMU binary (default: CPRD_TEST_QEMU or qemu-system-x86_64 on PATH)
     qemu: str | None = None
@@ -195,6 +205,10 @@ class GuestVM:
         # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can
         # miss ticks and panic ("IO-APIC + timer doesn't work"); seen here under load.
         append = f"console=ttyS0 quiet no_timer_check cprd.fill={spec.fill_mib}"
+        if spec.agent_mode is not None:
+            if spec.agent_mode not in AGENT_MODES:
+                raise ValueError(f"unknown agent_mode {spec.agent_mode!r} (one of {AGENT_MODES})")
+            append += f" cprd.agent={spec.agent_mode},{spec.agent_good}"
         machine = spec.machine
         argv = [
             spec.qemu or QEMU,
@@ -389,7 +403,12 @@ class GuestVM:
         return ticks[-1] if ticks else None
 
     def wait_tick_above(self, n: int, timeout: float = 10) -> int:
-        """Wait until the guest prints a tick > n; return the latest tick."""
+        """Wait until the guest prints a tick > n; return the latest tick.
+
+        When tick n was printed, the counter must have *continued* from it: every tick
+        printed after the last ``cprd-tick n`` is n+1, n+2, ... and the guest did not boot
+        again meanwhile (no ``cprd-guest-ready``).  A guest that lost its memory and
+        rebooted counts from 1 again and fails here, however long it then runs."""
 
         def above() -> int | None:
             self._check_running()
@@ -397,9 +416,32 @@ class GuestVM:
             return last if last is not None and last > n else None
 
         try:
-            return _wait_for(f"{self} to tick past {n}", above, timeout)
+            last = _wait_for(f"{self} to tick past {n}", above, timeout)
         except TimeoutError as e:
             raise TimeoutError(f"{e}; serial.log:\n{_tail(self.serial_log)}") from None
+        self.assert_continued(n)
+        return last
+
+    def assert_continued(self, n: int) -> None:
+        """The ticks after the last ``cprd-tick n`` continue from n, with no reboot."""
+        text = self.serial_text()
+        mark = f"cprd-tick {n}\n"
+        at = max(text.rfind(mark), text.rfind(f"cprd-tick {n}\r\n"))
+        if n <= 0 or at < 0:
+            return
+        after = text[at + len(mark) :]
+        if READY_MARK in after:
+            raise AssertionError(
+                f"{self}: the guest booted again after tick {n} (its memory was lost); "
+                f"serial.log:\n{_tail(self.serial_log)}"
+            )
+        ticks = [int(t) for t in _TICK_RE.findall(after)]
+        expected = list(range(n + 1, n + 1 + len(ticks)))
+        if ticks != expected:
+            raise AssertionError(
+                f"{self}: ticks after {n} are {ticks[:10]}, not {expected[:10]}: "
+                "the counter did not continue"
+            )
 
     # --- QMP (test-qmp.sock) ------------------------------------------------------------
 

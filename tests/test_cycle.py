@@ -119,8 +119,7 @@ async def test_whole_cycle(
         tick = before[vm.name]
         assert tick is not None and tick > 2
         # The counter continues: the first tick after the restore follows the last one.
-        after = vm.wait_tick_above(tick, timeout=20)
-        assert after == tick + 1 or after > tick
+        vm.wait_tick_above(tick, timeout=20)  # asserts the counter continued from tick
         assert vm.ticks() == list(range(1, len(vm.ticks()) + 1)), vm.ticks()
         (pid,) = vm.running_pids()
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -9,9 +9,11 @@ cannot run without systemd as PID 1 here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,10 +25,14 @@ from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 from fixtures_bus import BusDaemon, CprdAccounts, Journald
-from fixtures_daemon import Daemon, start_daemon, stop_daemon
-from harness import GuestFactory, GuestSpec, GuestVM, Memory
+from fixtures_daemon import BIN, Daemon, start_daemon, stop_daemon
+from harness import GuestFactory, GuestSpec, GuestVM, Memory, is_alive
+from test_faults import FakeAgent
 
+from cprd import manifest as mf
 from cprd.log import Event
+from cprd.manifest import Phase
+from cprd.steps import Step
 
 pytestmark = pytest.mark.qemu
 
@@ -113,7 +119,8 @@ def test_cprdctl_cycle_over_the_bus(
     assert restore.stdout.splitlines() == ["db: restored: running", "web: restored: running"]
     for vm in vms:
         tick = last[vm.name]
-        assert tick is not None and vm.wait_tick_above(tick) > tick
+        assert tick is not None
+        vm.wait_tick_above(tick)  # asserts it continued
     daemon.wait_state("idle")
 
     # journald: each VM's save and restore, with its fields and MESSAGE_IDs.
@@ -158,11 +165,12 @@ class StandInLogind:
         return data == b""
 
 
-@pytest.fixture
-async def logind(
-    guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald
-) -> AsyncIterator[tuple[StandInLogind, GuestVM]]:
-    (vm,) = guests(GuestSpec("k"))
+@contextlib.asynccontextmanager
+async def stand_in_logind(
+    dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald, vm: str, extra: str = ""
+) -> AsyncIterator[StandInLogind]:
+    """The stand-in logind and the real daemon, once the daemon holds the delay lock and
+    VM ``vm``."""
     login1 = await _connect(dbus_daemon.address)
     lock_read, lock_write = os.pipe()
     inhibited = asyncio.Event()
@@ -176,22 +184,31 @@ async def logind(
 
     login1.add_message_handler(handler)
     await login1.request_name("org.freedesktop.login1")
-    d = start_daemon(dbus_daemon, vm_dir_root)
+    d = start_daemon(dbus_daemon, vm_dir_root, extra=extra)
     try:
         await asyncio.wait_for(inhibited.wait(), 20)
         os.close(lock_write)  # the daemon holds the only write end now
         held = await asyncio.to_thread(
             journald.entries,
-            CPRD_VM="k",
+            CPRD_VM=vm,
             until=lambda es: any("holding" in e["MESSAGE"] for e in es),
             timeout=20,
         )
         assert any("holding" in e["MESSAGE"] for e in held)
-        yield StandInLogind(login1, lock_read, d), vm
+        yield StandInLogind(login1, lock_read, d)
     finally:
         os.close(lock_read)
         stop_daemon(d)
         login1.disconnect()
+
+
+@pytest.fixture
+async def logind(
+    guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald
+) -> AsyncIterator[tuple[StandInLogind, GuestVM]]:
+    (vm,) = guests(GuestSpec("k"))
+    async with stand_in_logind(dbus_daemon, vm_dir_root, journald, "k") as login1:
+        yield login1, vm
 
 
 async def test_logind_kexec_signal_prepares_and_commits(
@@ -200,11 +217,76 @@ async def test_logind_kexec_signal_prepares_and_commits(
     login1, vm = logind
     login1.send("PrepareForShutdown", "b", [True])
     login1.send("PrepareForShutdownWithMetadata", "ba{sv}", [True, {"type": Variant("s", "kexec")}])
-    vm.released()
-    await asyncio.to_thread(vm.wait_exit, 60)
     assert await login1.lock_released()
+    # The lock went only once the save was complete: at that instant the manifest says
+    # committed, with the VM's state complete and its QEMU gone.
+    manifest = mf.read(login1.daemon.config.parent / "state" / "manifest.yaml")
+    assert manifest.phase is Phase.COMMITTED, mf.dumps(manifest).decode()
+    assert [(r.name, r.step) for r in manifest.vms] == [("k", Step.COMMITTED)]
+    assert not is_alive(vm.pid)
+    vm.released()
     committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
     assert committed[0]["CPRD_PHASE"] == "committed"
+
+
+async def test_logind_kexec_saves_what_can_be_saved(
+    guests: GuestFactory, dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald
+) -> None:
+    """The kexec goes ahead whatever cprd does (logind's signal): a VM that cannot be saved
+    must not stop the others.  ``sleepy`` must be suspended first but its agent never
+    suspends it (a stand-in agent: the test guest's real qemu-ga always suspends); ``ok`` is
+    saved and committed, ``sleepy`` is shut down and recorded.  After the "reboot" (cprd
+    restore; no real kexec in this test) ``ok`` goes on where it stopped and ``sleepy``
+    boots again.  The test guest has no ACPI power-button handler, so ``sleepy`` ignores
+    system_powerdown and cprd quits it after save.shutdown_timeout_s."""
+    ok, sleepy = guests(GuestSpec("ok"), GuestSpec("sleepy", agent=False))
+    agent = vm_dir_root / "fake-qga.sock"
+    fake = FakeAgent()
+    server = await asyncio.start_unix_server(fake.serve, path=str(agent))
+    extra = (
+        "save: {suspend_timeout_s: 3, shutdown_timeout_s: 3, space_margin_mib: 16}\n"
+        f"vms: {{sleepy: {{suspend: always, agent: {agent}}}}}\n"
+    )
+    try:
+        async with stand_in_logind(dbus_daemon, vm_dir_root, journald, "ok", extra) as login1:
+            tick = ok.last_tick()
+            login1.send(
+                "PrepareForShutdownWithMetadata", "ba{sv}", [True, {"type": Variant("s", "kexec")}]
+            )
+            assert await login1.lock_released()
+            manifest = mf.read(vm_dir_root / "state" / "manifest.yaml")
+            assert manifest.phase is Phase.COMMITTED
+            steps = {r.name: r.step for r in manifest.vms}
+            assert steps == {"ok": Step.COMMITTED, "sleepy": Step.SHUT_DOWN}
+            assert "runstate still 'running' after 3s" in manifest.vm("sleepy").reason
+            assert not is_alive(ok.pid) and not is_alive(sleepy.pid)
+            assert fake.commands.count("guest-suspend-ram") == 1
+            shut = journald.entries(MESSAGE_ID=Event.VM_SHUTDOWN.value)
+            assert [e["CPRD_VM"] for e in shut] == ["sleepy"]
+    finally:
+        server.close()
+        await server.wait_closed()
+    ok.released()
+    sleepy.released()
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [str(BIN / "cprd"), "--config", str(vm_dir_root / "cprd.yaml"), "restore"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    lines = sorted(out.stdout.splitlines())
+    assert lines[0].startswith("ok: restored: running"), lines
+    assert lines[1].startswith("sleepy: restored: cold-booted: running"), lines
+    assert tick is not None
+    ok.wait_tick_above(tick, timeout=30)  # asserts it continued where it stopped
+    # booted again, a fresh guest: a second ready mark, and its counter from 1 again
+    deadline = time.monotonic() + 90
+    while sleepy.serial_text().count("cprd-guest-ready") < 2:
+        assert time.monotonic() < deadline, sleepy.serial_text()[-2000:]
+        await asyncio.sleep(0.5)
+    assert sleepy.runstate() == "running"
 
 
 async def test_old_logind_gets_its_lock_back_at_once(

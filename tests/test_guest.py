@@ -39,7 +39,7 @@ def test_agent_suspend_and_wakeup(guests: GuestFactory) -> None:
     vm.wait_runstate("running", timeout=10)
     at_wakeup = vm.last_tick()
     assert at_wakeup is not None
-    assert vm.wait_tick_above(at_wakeup, timeout=10) > at_wakeup
+    vm.wait_tick_above(at_wakeup, timeout=10)  # asserts it continued
     assert vm.agent("guest-ping") == {}
 
     # One guest life: the counter went on, it never restarted.

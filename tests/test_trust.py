@@ -595,12 +595,15 @@ def test_group_member_sees_no_secret(
     )
     mf.write(state / "manifest.yaml", Manifest.new(Phase.COMMITTED, (rec,)))
     member = (cprd_accounts.member_uid, cprd_accounts.member_gid, cprd_accounts.member_groups)
-    seen = daemon.ctl("manifest", user=member)
+    seen = daemon.ctl("manifest", "--yaml", user=member)
     assert seen.returncode == 0, seen.stderr
     assert "TOPSECRET" not in seen.stdout
     shown = mf.loads(seen.stdout.encode(), "member").vms[0].argv
     assert shown == redact_argv(rec.argv) and shown != rec.argv
-    full = daemon.ctl("manifest")
+    as_json = daemon.ctl("manifest", "--json", user=member)
+    assert as_json.returncode == 0 and "<redacted>" in as_json.stdout
+    assert "TOPSECRET" not in as_json.stdout
+    full = daemon.ctl("manifest", "--yaml")
     assert full.returncode == 0 and mf.loads(full.stdout.encode(), "root").vms[0].argv == rec.argv
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
 

@@ -18,6 +18,16 @@
 #     resets them and without that only the first suspend would work
 #   - if a virtio console device exists: starts `qemu-ga -m virtio-serial -p /dev/vport0p1`
 #     in the background and waits until it holds the port open
+#   - kernel argument cprd.agent=<mode>,<good> (tests only): instead of qemu-ga, runs
+#     cprd-hostile-agent, a busybox shell agent on /dev/vport0p1 that answers the first
+#     <good> requests correctly (guest-sync echoes its id as {"return": ID}, guest-ping
+#     {"return": {}}; a preflight ping is 2 requests: guest-sync, guest-ping) and every later
+#     guest-sync or guest-ping with a hostile reply, by <mode>:
+#       longline  one line of 4 MiB           endless  bytes without a newline, forever
+#       deep      [[[[... 100000 deep          errint   {"error": 1}
+#       badutf8   invalid UTF-8, then newline  drip     a valid reply, one byte a second
+#     Other commands (guest-suspend-ram) get no reply; each request is logged on ttyS0.
+#     Without the argument (the default) the guest runs the real qemu-ga.
 #   - kernel argument cprd.fill=<MiB>: fills a tmpfs with that much /dev/urandom data
 #   - prints `cprd-guest-ready`, then `cprd-tick N` (N = 1, 2, ...) every second, forever,
 #     on /dev/ttyS0.
@@ -191,8 +201,73 @@ restore)
 	;;
 esac
 EOF
+# A guest agent that turns hostile (cprd.agent=<mode>,<good>): real bytes from a real guest
+# over virtio-serial, for the tests of cprd's budget for untrusted agent input.
+cat >"$ROOT/usr/sbin/cprd-hostile-agent" <<'EOF'
+#!/bin/sh
+# cprd-hostile-agent MODE GOOD (see build.sh's header)
+mode=$1
+good=$2
+n=0
+exec 3<>/dev/vport0p1
+reply() { printf '%s\n' "$1" >&3; }
+hostile() { # $1: the id of a guest-sync, or 0
+	case $mode in
+	longline) {
+		printf '{"return": "'
+		head -c 4194304 /dev/zero | tr '\0' a
+		printf '"}\n'
+	} >&3 ;;
+	# never returns; its writes block (no spinning) while no host client is connected
+	endless) tr '\0' x </dev/zero >&3 ;;
+	deep) {
+		head -c 100000 /dev/zero | tr '\0' '['
+		echo
+	} >&3 ;;
+	errint) reply '{"error": 1}' ;;
+	badutf8) printf '\377\376\300\257{"return": \355\240\200 "\300"}\n' >&3 ;;
+	drip)
+		s="{\"return\": $1}"
+		while [ -n "$s" ]; do
+			rest=${s#?}
+			printf '%s' "${s%"$rest"}" >&3
+			s=$rest
+			sleep 1
+		done
+		echo >&3
+		;;
+	*) reply '{"error": {"class": "GenericError", "desc": "unknown hostile mode"}}' ;;
+	esac
+}
+while :; do
+	# EOF while no host client is connected: look again soon (sleep is a fork and an
+	# exec in busybox sh: not too often, it costs a TCG guest dearly)
+	if ! IFS= read -r line <&3; then
+		sleep 0.5
+		continue
+	fi
+	case $line in
+	*'"guest-sync"'*)
+		id=${line##*\"id\": }
+		id=${id%%\}*}
+		case $id in '' | *[!0-9]*) id=0 ;; esac
+		;;
+	*'"guest-ping"'*) id= ;;
+	*) continue ;; # guest-suspend-ram and others: no reply (qemu-ga's on success)
+	esac
+	n=$((n + 1))
+	echo "cprd-hostile-agent: request $n: ${line%%,*}" >&2
+	if [ "$n" -gt "$good" ]; then
+		hostile "${id:-0}"
+	elif [ -n "$id" ]; then
+		reply "{\"return\": $id}"
+	else
+		reply '{"return": {}}'
+	fi
+done
+EOF
 chmod 755 "$ROOT/usr/sbin/pm-is-supported" "$ROOT/usr/sbin/pm-suspend" \
-	"$ROOT/usr/sbin/cprd-acpi-regs"
+	"$ROOT/usr/sbin/cprd-acpi-regs" "$ROOT/usr/sbin/cprd-hostile-agent"
 
 echo "root:x:0:0:root:/:/bin/sh" >"$ROOT/etc/passwd"
 echo "root:x:0:" >"$ROOT/etc/group"
@@ -214,9 +289,11 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 done
 
 fill=0
+agent_mode=
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	cprd.fill=*) fill=${arg#cprd.fill=} ;;
+	cprd.agent=*) agent_mode=${arg#cprd.agent=} ;;
 	esac
 done
 
@@ -232,16 +309,20 @@ if [ $has_console = 1 ]; then
 	i=0
 	while [ ! -c /dev/vport0p1 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
 	if [ -c /dev/vport0p1 ]; then
-		qemu-ga -m virtio-serial -p /dev/vport0p1 -t /run 2>/dev/ttyS0 &
+		if [ -n "$agent_mode" ]; then
+			cprd-hostile-agent "${agent_mode%%,*}" "${agent_mode#*,}" 2>/dev/ttyS0 &
+		else
+			qemu-ga -m virtio-serial -p /dev/vport0p1 -t /run 2>/dev/ttyS0 &
+		fi
 		qga=$!
-		# ready once qemu-ga holds the port open
+		# ready once the agent holds the port open
 		i=0
 		while [ $i -lt 100 ]; do
 			ls -l /proc/$qga/fd 2>/dev/null | grep -q vport0p1 && break
 			sleep 0.1
 			i=$((i + 1))
 		done
-		[ $i -lt 100 ] || say "cprd-guest: qemu-ga did not open /dev/vport0p1"
+		[ $i -lt 100 ] || say "cprd-guest: the agent did not open /dev/vport0p1"
 	else
 		say "cprd-guest: /dev/vport0p1 did not appear"
 	fi

@@ -1,0 +1,67 @@
+"""Bugs that ``make faults`` (tests/fault_matrix.py) found, each pinned by a real-guest test.
+
+Every QEMU and guest agent here is real (TCG, the test guest's qemu-ga).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from harness import GuestFactory, GuestSpec
+from test_cycle import make_config
+
+from cprd import manifest as mf
+from cprd.inventory import Inventory
+from cprd.manifest import Journal, Manifest, Phase
+from cprd.save import Saver
+from cprd.steps import Step
+
+pytestmark = pytest.mark.qemu
+
+
+async def test_interrupted_between_suspend_and_s3_is_woken(
+    guests: GuestFactory, vm_dir_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cell prepare/saved/enospc: another VM's failure cancelled s3's save after
+    guest-suspend-ram was sent but before the guest reached S3.  The rollback saw it
+    "running" and called it put back; a moment later it went to sleep and stayed there.
+
+    Set up exactly that moment (as cprd leaves it when it is killed or cancelled right
+    after sending the command): the journal says ``suspending``, guest-suspend-ram has just
+    been sent (by the test, through the real qemu-ga), the guest still runs.  Resume must
+    wait for S3 and wake the guest, not call it running."""
+    (vm,) = guests(GuestSpec("s3"))
+    cfg = make_config(vm_dir_root, "save: {suspend_timeout_s: 10}\nvms: {s3: {suspend: always}}\n")
+    vm.wait_tick_above(1)
+    inventory = Inventory(cfg)
+    saver = Saver(cfg, inventory)
+    try:
+        (plan,), problems = await saver.plan()
+        assert problems == {}
+        work = saver._work(*plan, "")
+        mf.ensure_state_dir(cfg.state_dir)
+        journal = Journal.create(cfg.manifest_path, Manifest.new(Phase.PREPARING, (work.record,)))
+        journal.step("s3", Step.SUSPENDING)
+    finally:
+        await inventory.close()
+    vm.agent("guest-suspend-ram", expect_reply=False)
+    assert vm.runstate() == "running"  # not yet: S3 takes the guest about a second
+
+    caplog.set_level(logging.INFO)
+    inventory = Inventory(cfg)
+    try:
+        outcomes = await Saver(cfg, inventory).resume()
+    finally:
+        await inventory.close()
+    assert outcomes == {"s3": "resumed (running)"}
+    woken = [r for r in caplog.records if r.getMessage() == "put back: woken"]
+    assert len(woken) == 1, [r.getMessage() for r in caplog.records]
+    # Still running seconds later (not asleep in S3): its counter goes on.
+    last = vm.last_tick() or 0
+    vm.wait_tick_above(last + 3, timeout=15)
+    assert vm.runstate() == "running"
+    assert not cfg.manifest_path.exists()
+    assert os.listdir(cfg.state_dir) == []
