@@ -28,6 +28,7 @@ import yaml
 from cprd import failpoint
 from cprd.config import safe_load
 from cprd.errors import ManifestError
+from cprd.hosts import DiskImage
 from cprd.plan import MigrationSettings
 from cprd.steps import Step
 
@@ -81,6 +82,9 @@ class VMRecord:
     step: Step = Step.PLANNED
     history: tuple[tuple[str, str], ...] = ()  # (step, UTC time), oldest first
     on_kexec_failure: str = "shutdown"  # shutdown | leave
+    #: the disk images its block nodes used; their identity is recorded once its QEMU
+    #: exited at commit, and a restore over a changed one is refused
+    disks: tuple[DiskImage, ...] = ()
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -232,6 +236,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 "step": r.step.value,
                 "history": [list(h) for h in r.history],
                 "on_kexec_failure": r.on_kexec_failure,
+                "disks": [dataclasses.asdict(d) for d in r.disks],
             }
             for r in m.vms
         ],
@@ -316,6 +321,20 @@ def from_dict(data: object, source: str) -> Manifest:
         on_failure = v.get("on_kexec_failure", "shutdown")
         if on_failure not in ("shutdown", "leave"):
             raise r.fail(f"{p}on_kexec_failure", f"unknown value {on_failure!r}")
+        raw_disks = v.get("disks", [])  # optional: manifests before issue 13 have none
+        if not isinstance(raw_disks, list):
+            raise r.fail(f"{p}disks", "expected a list")
+        disks = []
+        for j, d in enumerate(raw_disks):
+            q = f"{p}disks[{j}]."
+            if not isinstance(d, dict):
+                raise r.fail(q[:-1], "not a mapping")
+            disks.append(
+                DiskImage(
+                    r.get(d, "path", str, q),
+                    *(r.get(d, k, int, q) for k in ("dev", "ino", "size", "mtime_ns")),
+                )
+            )
         vms.append(
             VMRecord(
                 name=r.get(v, "name", str, p),
@@ -337,6 +356,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 step=step,
                 history=tuple((h[0], h[1]) for h in history),
                 on_kexec_failure=on_failure,
+                disks=tuple(disks),
             )
         )
     names = [v.name for v in vms]

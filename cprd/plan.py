@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.hosts import manager_of, replay_problems
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -167,6 +168,10 @@ def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: st
         problems.append("has VFIO devices but would not be suspended (suspend: never)")
     for reason in facts.migration_blockers:
         problems.append(f"migration blocked: {reason}")
+    managed = manager_of(facts.cgroup, facts.parent_comm, facts.argv)
+    if managed is not None:
+        problems.append(managed.problem())
+    problems.extend(replay_problems(facts.argv))
 
     settings = migration_settings(facts, in_place, save, state_fstype)
     in_place_backends = tuple(b for b in facts.backends if in_place and b.share)

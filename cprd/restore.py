@@ -17,12 +17,13 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError
+from cprd.hosts import disk_changes, identify, replay_argv
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
@@ -37,18 +38,15 @@ _MACHINE_OPTS = ("-machine", "-M", "--machine")
 
 
 def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
-    """The recorded argv with ``-incoming defer`` and the machine type pinned (pure)."""
+    """The recorded argv as cprd runs it again (pure): without ``-daemonize`` (see
+    :func:`cprd.hosts.replay_argv`), with ``-incoming defer`` in place of any
+    ``-incoming`` and the machine type pinned."""
+    argv = replay_argv(argv)
     out: list[str] = []
     pinned = False
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-incoming", "--incoming"):
-            i += 2
-            continue
-        if arg.startswith(("-incoming=", "--incoming=")):
-            i += 1
-            continue
         if arg in _MACHINE_OPTS and i + 1 < len(argv):
             out += [arg, _pin_machine(argv[i + 1], machine_type)]
             pinned = True
@@ -115,6 +113,27 @@ def check_files(rec: VMRecord) -> None:
             )
 
 
+def check_disks(rec: VMRecord, ignore: bool = False) -> None:
+    """Refuse a VM whose disk images changed since its QEMU quit at commit (CPR.rst:
+    guest block devices must not be modified between the quit and the restart);
+    RestoreError naming the image.  ``ignore``: log the changes and go on."""
+    changes = disk_changes(rec.disks, {d.path: identify(d.path) for d in rec.disks})
+    if not changes:
+        return
+    if ignore:
+        logger.warning(
+            "disk images changed, restoring anyway: %s",
+            "; ".join(changes),
+            extra={"CPRD_VM": rec.name},
+        )
+        return
+    raise RestoreError(
+        f"{rec.name}: disk image changed since the save: {'; '.join(changes)} (state kept; "
+        f"`cprd restore --ignore-disk-changes {rec.name}` restores it anyway)",
+        "restore it over the disk images it saw, or override if the change is known safe",
+    )
+
+
 class Restorer:
     def __init__(
         self,
@@ -122,11 +141,13 @@ class Restorer:
         manifest_path: Path | None = None,
         launcher: Launcher | None = None,
         progress: ProgressCallback | None = None,
+        ignore_disk_changes: Collection[str] = (),
     ) -> None:
         self.config = config
         self.manifest_path = manifest_path or config.manifest_path
         self.launcher = launcher or make_launcher(config)
         self.progress = progress or (lambda *_: None)
+        self.ignore_disk_changes = frozenset(ignore_disk_changes)
 
     async def run(self) -> Manifest:
         """Restore every pending or failed VM; return the updated manifest.
@@ -194,6 +215,7 @@ class Restorer:
     async def restore_vm(self, rec: VMRecord) -> tuple[str, int]:
         """Relaunch one VM from its state file; return (its final runstate, its pid)."""
         check_files(rec)
+        check_disks(rec, rec.name in self.ignore_disk_changes)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)

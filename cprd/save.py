@@ -39,6 +39,7 @@ from cprd.errors import (
     SaveError,
     StateError,
 )
+from cprd.hosts import DiskImage
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher
 from cprd.log import Event, emit
@@ -332,6 +333,7 @@ class Saver:
             ),
             reason=problem,
             on_kexec_failure=self.config.vm(f.name).on_kexec_failure.value,
+            disks=tuple(DiskImage(path) for path in f.block_files),
         )
         return _Work(handle, plan, record)
 
