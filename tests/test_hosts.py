@@ -245,3 +245,70 @@ def test_manifest_keeps_disks(tmp_path: Path) -> None:
     data = mf.to_dict(m)
     del data["vms"][0]["disks"]
     assert mf.from_dict(data, "x").vms[0].disks == ()
+
+
+# --- small things -----------------------------------------------------------------------
+
+_LOG_SCRIPT = """
+import logging, socket, sys
+from cprd import log
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind(str(log.JOURNAL_SOCKET))  # a socket file that nothing serves once closed
+s.close()
+assert log.journald_available()
+log.setup()
+log.emit(logging.getLogger("cprd.test"), logging.ERROR, log.Event.FAILURE, "lost %s", 1, vm="web")
+logging.getLogger("cprd.test").info("second line")
+print("still here")
+"""
+
+
+def test_logging_falls_back_to_stderr_when_journald_does_not_answer() -> None:
+    """journald's socket is there but nothing answers: each line goes to stderr, and no
+    "--- Logging error ---" traceback.  Real libsystemd, a real dead socket: in a private
+    mount namespace with a tmpfs on /run (the host's journal socket is host-global and
+    other tests run a real journald on it)."""
+    import subprocess
+    import sys
+
+    script = (
+        "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/journal && "
+        f'exec {sys.executable} -c "$0"'
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("CPRD_LOG", None)
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, _LOG_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "still here\n"
+    assert proc.stderr == "error: web: lost 1\ninfo: second line\n"
+
+
+def test_options_after_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cprd restore --config F --manifest M``: the config F is used (its state_dir is in
+    no error), and M is the manifest looked for."""
+    from cprd import cli
+
+    cfg = tmp_path / "cprd.yaml"
+    cfg.write_text(f"state_dir: {tmp_path}/state\n")
+    missing = tmp_path / "nope.yaml"
+    assert cli.main(["restore", "--config", str(cfg), "--manifest", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("state_dir: 3\n")
+    for argv in (
+        ["--config", str(bad), "check"],
+        ["check", "--config", str(bad)],
+        ["--debug", "check", "--config", str(bad)],
+    ):
+        assert cli.main(argv) == 2
+        assert "state_dir" in capsys.readouterr().err
+    # given before the subcommand and not after it: kept (not reset to the default)
+    assert cli.main(["--config", str(cfg), "restore", "--manifest", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
