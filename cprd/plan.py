@@ -221,6 +221,10 @@ def transfer_path(facts: VMFacts, new_version: tuple[int, int, int]) -> tuple[bo
     on for QEMU's own auxiliary RAM.  Otherwise: cpr-reboot to a file and an immediate
     restore with the new binary.
     """
+    managed = manager_of(facts.cgroup, facts.parent_comm, facts.argv)
+    refused = [managed.problem()] if managed else list(replay_problems(facts.argv))
+    if refused:  # the save-to-file path refuses it, before anything stops
+        return False, f"{refused[0]}: not moved"
     if facts.qemu_version < TRANSFER_VERSION or new_version < TRANSFER_VERSION:
         old = facts.version_str
         new = ".".join(map(str, new_version))

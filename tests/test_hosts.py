@@ -312,3 +312,27 @@ def test_options_after_the_subcommand(tmp_path: Path, capsys: pytest.CaptureFixt
     # given before the subcommand and not after it: kept (not reset to the default)
     assert cli.main(["--config", str(cfg), "restore", "--manifest", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_planner_refuses_and_transfer_does_not_move() -> None:
+    """plan_vm carries the refusals as problems (so check and prepare refuse), and a
+    QEMU-only upgrade does not move such a VM by cpr-transfer."""
+    from test_plan import MEMFD, SAVE, facts
+
+    from cprd import plan
+    from cprd.config import VMSettings
+
+    fd = facts(argv=("qemu", "-add-fd", "fd=7,set=2"), backends=(MEMFD,), aux_ram_share=True)
+    pve = facts(cgroup="0::/qemu.slice/104.scope\n", backends=(MEMFD,), aux_ram_share=True)
+    assert plan.plan_vm(fd, VMSettings(), SAVE, "ext4").problems == (
+        "argv passes fd 7 (-add-fd fd=7,set=2): cprd cannot recreate it",
+    )
+    assert plan.plan_vm(pve, VMSettings(), SAVE, "ext4").problems == (
+        "run by Proxmox VE (cgroup qemu.slice/104.scope): cprd cannot bring it back under "
+        "Proxmox VE; use `qm suspend 104 --todisk` instead",
+    )
+    assert plan.transfer_path(fd, (10, 0, 2)) == (
+        False,
+        "argv passes fd 7 (-add-fd fd=7,set=2): cprd cannot recreate it: not moved",
+    )
+    assert plan.transfer_path(pve, (10, 0, 2))[0] is False
