@@ -6,6 +6,7 @@ every QEMU, the restore starts them again from the manifest).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -65,9 +66,14 @@ def in_cgroup(pid: int, path: str) -> Iterator[None]:
                 d.rmdir()
 
 
-def check_output(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+async def cli_main(argv: list[str]) -> int:
+    """``cprd ARGV`` (it runs its own event loop: in a thread)."""
+    return await asyncio.to_thread(cli.main, argv)
+
+
+async def check_output(cfg_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     capsys.readouterr()
-    code = cli.main(["check", "--config", str(cfg_path)])  # options after the subcommand
+    code = await cli_main(["check", "--config", str(cfg_path)])  # options after the subcommand
     return code, capsys.readouterr().out
 
 
@@ -109,7 +115,7 @@ async def test_refused_at_check_and_nothing_stopped(
         ):
             vms = [lv, pve, fdvm]
             pids = {vm.name: vm.pid for vm in vms}
-            code, out = check_output(cfg_path, capsys)
+            code, out = await check_output(cfg_path, capsys)
             lines = {line.split(":", 1)[0]: line for line in out.splitlines()}
             assert code == 1
             assert lines["fdvm"].endswith(
@@ -167,7 +173,7 @@ async def test_daemonized_and_changed_disk(
     with own_guest(GuestSpec("daemon"), vm_dir_root, guest_image, launch_daemonized) as daemon:
         first = int(pidfile.read_text())
         assert daemon.pid == first
-        code, out = check_output(vm_dir_root / "cprd.yaml", capsys)
+        code, out = await check_output(vm_dir_root / "cprd.yaml", capsys)
         assert code == 0, out
         for vm in (daemon, disk):
             vm.wait_tick_above(2)
@@ -213,7 +219,7 @@ async def test_daemonized_and_changed_disk(
         daemon.wait_tick_above(before["daemon"], timeout=30)
 
         capsys.readouterr()
-        code = cli.main(
+        code = await cli_main(
             ["restore", "--config", str(vm_dir_root / "cprd.yaml"), "--ignore-disk-changes", "disk"]
         )
         out = capsys.readouterr().out
