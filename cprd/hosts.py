@@ -35,7 +35,7 @@ FLAGS = frozenset(
         "-preconfig", "-full-screen", "-alt-grab", "-ctrl-grab", "-no-hpet", "-no-acpi",
         "-win2k-hack", "-no-fd-bootchk", "-usb", "-semihosting", "-enable-fips",
         "-version", "-help", "-h", "-no-quit", "-old-param", "-xen-attach",
-        "-enable-sync-profile", "-nouserconfig",
+        "-enable-sync-profile", "-nouserconfig", "-sdl", "-curses",
     }
 )  # fmt: skip
 #: Option keys whose values are file descriptors the process inherited.
