@@ -249,8 +249,11 @@ def manager_of(cgroup_text: str, parent_comm: str, argv: Sequence[str]) -> Manag
         if value and "/run/qemu-server/" in value:
             return _proxmox(vmid or "VMID", f"argv uses {value.split(',')[0]}")
     for _, _, value in options(argv):
-        if value and ("/var/lib/libvirt/qemu/domain-" in value or "/run/libvirt/qemu/" in value):
-            return _libvirt(argv, "argv uses libvirt's domain directory")
+        for marker in ("/var/lib/libvirt/qemu/domain-", "/run/libvirt/qemu/"):
+            if value and marker in value:
+                rest = value.split(marker, 1)[1]
+                where = marker + re.split(r"[/,\"]", rest, maxsplit=1)[0]
+                return _libvirt(argv, f"argv uses {where}")
     return None
 
 

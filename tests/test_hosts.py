@@ -155,7 +155,12 @@ def test_libvirt_by_parent_and_paths() -> None:
     assert m is not None and m.evidence == "parent process virtqemud"
     argv = [*BASE, "-chardev", "socket,id=m,path=/var/lib/libvirt/qemu/domain-2-db/monitor.sock"]
     m = manager_of("0::/\n", "bash", argv)
-    assert m is not None and m.manager is Manager.LIBVIRT
+    assert m is not None and m.evidence == "argv uses /var/lib/libvirt/qemu/domain-2-db"
+    key = '{"qom-type":"secret","file":"/var/lib/libvirt/qemu/domain-1-lv/master-key.aes"}'
+    m = manager_of("0::/\n", "bash", [*BASE, "-object", key, "-name", "guest=lv"])
+    assert m is not None and m.problem().startswith(
+        "run by libvirt (argv uses /var/lib/libvirt/qemu/domain-1-lv): "
+    )
 
 
 def test_proxmox() -> None:

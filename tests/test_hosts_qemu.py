@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -228,3 +229,127 @@ async def test_daemonized_and_changed_disk(
         assert mf.read(cfg.manifest_path).phase is Phase.RESTORED
         assert disk.runstate() == "running"
         disk.wait_tick_above(before["disk"], timeout=30)
+
+
+#: libvirtd in a private mount namespace: its /run, /etc/libvirt and /var/{lib,cache,log}/libvirt
+#: are under $1, so the host's (or another test's) libvirt is never touched; QEMU runs as
+#: root without cgroups (cgroup_controllers = [ ]: the host's cgroups stay as they are).
+#: Prints READY once the domain runs, and tears everything down when its stdin closes.
+LIBVIRT_SCRIPT = r"""
+set -euo pipefail
+R=$1; XML=$2; PID=
+cleanup() {
+    virsh -c qemu:///system destroy lv >&2 || true
+    virsh -c qemu:///system undefine lv >&2 || true
+    if [ -n "$PID" ]; then
+        kill "$PID" || true
+        for _ in $(seq 100); do [ -d /proc/"$PID" ] || break; sleep 0.1; done
+    fi
+    echo STOPPED
+}
+trap cleanup EXIT
+mkdir -p "$R"/{lib,cache,log,etc}
+cp -a /etc/libvirt/. "$R/etc/"
+cat >> "$R/etc/qemu.conf" <<'CONF'
+user = "root"
+group = "root"
+security_driver = "none"
+namespaces = [ ]
+cgroup_controllers = [ ]
+stdio_handler = "file"
+CONF
+mount -t tmpfs tmpfs /run
+mount --bind "$R/lib" /var/lib/libvirt
+mount --bind "$R/cache" /var/cache/libvirt
+mount --bind "$R/log" /var/log/libvirt
+mount --bind "$R/etc" /etc/libvirt
+libvirtd -d
+for _ in $(seq 600); do [ -s /run/libvirtd.pid ] && break; sleep 0.1; done
+PID=$(cat /run/libvirtd.pid)
+for _ in $(seq 600); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+virsh -c qemu:///system define "$XML" >&2
+virsh -c qemu:///system start lv >&2
+echo READY
+read -r _ || true
+"""
+
+
+def libvirt_domain(name: str, image: tuple[Path, Path], vm_dir: Path) -> str:
+    kernel, initrd = image
+    return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='q35'>hvm</type><kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd><cmdline>console=ttyS0 quiet no_timer_check</cmdline></os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='{vm_dir}/serial.log'/><target port='0'/></serial>
+  </devices>
+  <qemu:commandline>
+    <qemu:arg value='-qmp'/><qemu:arg value='unix:{vm_dir}/qmp.sock,server=on,wait=off'/>
+  </qemu:commandline>
+</domain>
+"""
+
+
+async def test_real_libvirt_refused(
+    guest_image: tuple[Path, Path], vm_dir_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A QEMU started by a real libvirtd (11.3, bookworm-backports), with a QMP socket for
+    cprd added through <qemu:commandline>, is refused by ``cprd check`` naming libvirt and
+    its managed save; a prepare stops nothing.  libvirtd runs in a private mount namespace
+    (see LIBVIRT_SCRIPT) without cgroups, so here libvirt is recognised by its domain
+    directory in the argv (the cgroup and parent rules are covered above and in
+    test_hosts.py)."""
+    if not (shutil.which("libvirtd") and shutil.which("virsh")):
+        pytest.skip(
+            "libvirt is not installed (apt-get install -t bookworm-backports "
+            "libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients)"
+        )
+    vm_dir = vm_dir_root / "lv"
+    vm_dir.mkdir()
+    xml = vm_dir_root / "lv.xml"
+    xml.write_text(libvirt_domain("lv", guest_image, vm_dir))
+    cfg = make_config(vm_dir_root)
+    pid = 0
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", LIBVIRT_SCRIPT,
+         "libvirt", str(vm_dir_root / "libvirt"), str(xml)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 180)
+        assert line == "READY\n", proc.stderr.read() if proc.stderr else ""
+        conn = await QMPConnection.open(vm_dir / "qmp.sock", "lv", timeout=30)
+        try:
+            pid = conn.pid
+            assert (
+                Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[2]
+                == b"guest=lv,debug-threads=on"
+            )
+        finally:
+            await conn.close()
+        code, out = await check_output(vm_dir_root / "cprd.yaml", capsys)
+        assert code == 1
+        (line,) = out.splitlines()
+        assert line.startswith(
+            "lv: save (RAM copied): run by libvirt (argv uses "
+            "/var/lib/libvirt/qemu/domain-1-lv): cprd cannot bring it back "
+            "under libvirt; use libvirt's managed save (`virsh managedsave "
+            "lv`) instead; argv passes fd "
+        ), line
+        inventory = Inventory(cfg)
+        try:
+            with pytest.raises(PreflightError):
+                await Saver(cfg, inventory).prepare()
+        finally:
+            await inventory.close()
+        assert Path(f"/proc/{pid}").exists() and not cfg.manifest_path.exists()
+    finally:
+        proc.stdin.close()
+        tail = await asyncio.wait_for(asyncio.to_thread(proc.stdout.read), 120)
+        assert proc.wait(timeout=30) == 0
+        assert tail.endswith("STOPPED\n")
+    assert not Path(f"/proc/{pid}").exists()
