@@ -162,7 +162,8 @@ async def test_daemonized_and_changed_disk(
     pidfile = vm_dir_root / "daemon" / "qemu.pid"
     image = vm_dir_root / "disk.raw"
     image.write_bytes(b"\0" * 2**20)
-    (disk,) = guests(GuestSpec("disk", extra_args=["-drive", f"file={image},if=virtio,format=raw"]))
+    disk_spec = GuestSpec("disk", extra_args=["-drive", f"file={image},if=virtio,format=raw"])
+    (disk,) = guests(disk_spec, timeout=BOOT_S)
 
     def launch_daemonized(vm: GuestVM) -> None:
         vm.launch([*vm.argv, "-daemonize", "-pidfile", str(pidfile)])
