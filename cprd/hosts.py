@@ -171,7 +171,7 @@ def replay_argv(argv: Sequence[str]) -> list[str]:
     out: list[str] = list(argv[:1])
     for i, opt, value in options(argv):
         separate = bool(opt) and value is not None and "=" not in argv[i]
-        if opt != "-incoming" and opt not in ("-daemonize",):
+        if opt not in ("-incoming", "-daemonize"):
             out += argv[i : i + (2 if separate else 1)]
     return out
 
@@ -275,7 +275,7 @@ def _proxmox(vmid: str, evidence: str) -> Managed:
 @dataclass(frozen=True)
 class DiskImage:
     """One image file (or block device) a block node of the VM used, and its identity
-    once its QEMU exited at commit (all zero: not recorded)."""
+    once its QEMU exited at commit (all zero: not recorded, e.g. before the commit)."""
 
     path: str
     dev: int = 0
@@ -323,13 +323,16 @@ def identify_all(disks: Iterable[DiskImage]) -> tuple[DiskImage, ...]:
 
 def disk_changes(recorded: Iterable[DiskImage], now: Mapping[str, DiskImage | None]) -> list[str]:
     """How each recorded image differs from what is there ``now`` (pure); empty when
-    every image is the one the guest saw."""
+    every image is the one the guest saw.  Images without a recorded identity are not
+    compared."""
     out = []
     for d in recorded:
         cur = now.get(d.path)
         if not d.recorded:
-            out.append(f"{d.path}: its identity was not recorded when QEMU quit")
-        elif cur is None:
+            # Not committed (a put-back reloads a suspended guest before its QEMU quit
+            # for good), or gone already when its QEMU quit: nothing to compare with.
+            continue
+        if cur is None:
             out.append(f"{d.path} is missing")
         elif (cur.dev, cur.ino) != (d.dev, d.ino):
             out.append(f"{d.path} is another file than the one the guest saw")
