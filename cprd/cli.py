@@ -2,10 +2,12 @@
 
     cprd [--config PATH] [--bus ADDRESS]         run the daemon (D-Bus service)
     cprd --check-config [--config PATH]          validate the config and exit
-    cprd restore [--manifest PATH]               bring back the VMs of a committed manifest
+    cprd restore [--manifest PATH] [--ignore-disk-changes VM]...
+                                                 bring back the VMs of a committed manifest
     cprd check | prepare [--commit] | commit | resume
                                                  the same steps without the daemon
 
+--config, --bus and --debug work before or after the subcommand.
 Failures end in one line (and a hint); tracebacks only with --debug.
 Exit codes: 0 success, 1 the operation failed (VMs were put back or left saved),
 2 bad usage, config or manifest.
@@ -31,26 +33,56 @@ logger = logging.getLogger("cprd")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _common(suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the subcommand (``cprd restore --config F``).
+
+    After it their default is SUPPRESS, so a value given before the subcommand is not
+    overwritten by the subcommand's default."""
+    p = argparse.ArgumentParser(add_help=False)
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=default(cfg.DEFAULT_PATH),
+        help=f"config file (default: {cfg.DEFAULT_PATH})",
+    )
+    p.add_argument("--bus", default=default(None), help="D-Bus address (default: the system bus)")
+    p.add_argument(
+        "--debug", action="store_true", default=default(False), help="debug logging and tracebacks"
+    )
+    return p
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="cprd", description="Save and restore every QEMU VM across a kexec."
+        prog="cprd",
+        description="Save and restore every QEMU VM across a kexec.",
+        parents=[_common(False)],
     )
     p.add_argument("--version", action="version", version=f"cprd {__version__}")
-    p.add_argument(
-        "--config", type=Path, default=cfg.DEFAULT_PATH, help="config file (default: %(default)s)"
-    )
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
-    p.add_argument("--bus", help="D-Bus address (default: the system bus)")
-    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("restore", help="restore the VMs of a committed manifest")
+    common = [_common(True)]
+    r = sub.add_parser("restore", help="restore the VMs of a committed manifest", parents=common)
     r.add_argument("--manifest", type=Path, help="manifest (default: from the config)")
-    sub.add_parser("check", help="preflight every VM; changes nothing")
-    pr = sub.add_parser("prepare", help="suspend and save every VM (all or nothing)")
+    r.add_argument(
+        "--ignore-disk-changes",
+        action="append",
+        default=[],
+        metavar="VM",
+        help="restore VM even if its disk images changed since the save (repeatable)",
+    )
+    sub.add_parser("check", help="preflight every VM; changes nothing", parents=common)
+    pr = sub.add_parser(
+        "prepare", help="suspend and save every VM (all or nothing)", parents=common
+    )
     pr.add_argument("--commit", action="store_true", help="then quit the saved QEMUs")
-    sub.add_parser("commit", help="quit the saved QEMUs of a prepared manifest")
-    sub.add_parser("resume", help="undo a prepare: every VM back as it was")
+    sub.add_parser("commit", help="quit the saved QEMUs of a prepared manifest", parents=common)
+    sub.add_parser("resume", help="undo a prepare: every VM back as it was", parents=common)
     return p
 
 
@@ -89,15 +121,15 @@ def _dispatch(args: argparse.Namespace, config: cfg.Config) -> int:
 
         return asyncio.run(run_daemon(config, args.bus))
     if args.command == "restore":
-        return asyncio.run(_restore(config, args.manifest))
+        return asyncio.run(_restore(config, args.manifest, args.ignore_disk_changes))
     return asyncio.run(_local(config, args.command, getattr(args, "commit", False)))
 
 
-async def _restore(config: cfg.Config, manifest: Path | None) -> int:
+async def _restore(config: cfg.Config, manifest: Path | None, ignore_disks: list[str]) -> int:
     from cprd.manifest import Outcome
     from cprd.restore import Restorer
 
-    result = await Restorer(config, manifest).run()
+    result = await Restorer(config, manifest, ignore_disk_changes=ignore_disks).run()
     failed = [v for v in result.vms if v.outcome is not Outcome.RESTORED]
     for v in result.vms:
         print(f"{v.name}: {v.outcome.value}: {v.reason}")

@@ -71,6 +71,23 @@ def journald_available() -> bool:
     return JOURNAL_SOCKET.is_socket()
 
 
+class _Fallback:
+    """Mixed into JournalHandler: a record journald does not take (its socket present
+    but nothing answering: ConnectionRefusedError on every send) goes to stderr instead
+    of logging's "--- Logging error ---" traceback.  Logging never raises."""
+
+    fallback: logging.Handler
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.fallback.handle(record)
+
+
+def _stderr_handler() -> logging.Handler:
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(_PlainFormatter("%(message)s"))
+    return stream
+
+
 def setup(debug: bool = False, identifier: str = "cprd") -> None:
     """Route cprd's logging to journald when it runs, else to stderr."""
     root = logging.getLogger()
@@ -78,14 +95,19 @@ def setup(debug: bool = False, identifier: str = "cprd") -> None:
         root.removeHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     handlers: list[logging.Handler] = []
+    tty = sys.stderr.isatty()
     if journald_available() and os.environ.get("CPRD_LOG") != "stderr":
         from systemd.journal import JournalHandler
 
-        handlers.append(JournalHandler(SYSLOG_IDENTIFIER=identifier))
-    if not handlers or sys.stderr.isatty():
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(_PlainFormatter("%(message)s"))
-        handlers.append(stream)
+        class Journal(_Fallback, JournalHandler):  # type: ignore[misc]
+            pass
+
+        journal = Journal(SYSLOG_IDENTIFIER=identifier)
+        # On a terminal stderr already shows every line: no second copy on a failure.
+        journal.fallback = logging.NullHandler() if tty else _stderr_handler()
+        handlers.append(journal)
+    if not handlers or tty:
+        handlers.append(_stderr_handler())
     for handler in handlers:
         root.addHandler(handler)
     if not debug:

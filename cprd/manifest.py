@@ -28,6 +28,7 @@ import yaml
 from cprd import failpoint
 from cprd.config import safe_load
 from cprd.errors import ManifestError
+from cprd.hosts import DiskImage
 from cprd.plan import MigrationSettings
 from cprd.plan import safe_file_name as safe_file_name  # re-exported
 from cprd.steps import Step
@@ -86,6 +87,9 @@ class VMRecord:
     #: the QEMU binary pinned at commit (st_dev, st_ino), checked again at restore
     exe_dev: int | None = None
     exe_ino: int | None = None
+    #: the disk images its block nodes used; their identity is recorded once its QEMU
+    #: exited at commit, and a restore over a changed one is refused
+    disks: tuple[DiskImage, ...] = ()
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -264,6 +268,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                     if r.exe_dev is not None and r.exe_ino is not None
                     else {}
                 ),
+                "disks": [dataclasses.asdict(d) for d in r.disks],
             }
             for r in m.vms
         ],
@@ -355,6 +360,20 @@ def from_dict(data: object, source: str) -> Manifest:
                 raise r.fail(f"{p}executable_pin", "not a mapping")
             exe_dev = r.get(pin, "dev", int, f"{p}executable_pin.")
             exe_ino = r.get(pin, "ino", int, f"{p}executable_pin.")
+        raw_disks = v.get("disks", [])  # optional: manifests before issue 13 have none
+        if not isinstance(raw_disks, list):
+            raise r.fail(f"{p}disks", "expected a list")
+        disks = []
+        for j, d in enumerate(raw_disks):
+            q = f"{p}disks[{j}]."
+            if not isinstance(d, dict):
+                raise r.fail(q[:-1], "not a mapping")
+            disks.append(
+                DiskImage(
+                    r.get(d, "path", str, q),
+                    *(r.get(d, k, int, q) for k in ("dev", "ino", "size", "mtime_ns")),
+                )
+            )
         vms.append(
             VMRecord(
                 name=r.get(v, "name", str, p),
@@ -378,6 +397,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 on_kexec_failure=on_failure,
                 exe_dev=exe_dev,
                 exe_ino=exe_ino,
+                disks=tuple(disks),
             )
         )
     names = [v.name for v in vms]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.hosts import manager_of, replay_problems
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -169,6 +170,10 @@ def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: st
         problems.append("has VFIO devices but would not be suspended (suspend: never)")
     for reason in facts.migration_blockers:
         problems.append(f"migration blocked: {reason}")
+    managed = manager_of(facts.cgroup, facts.parent_comm, facts.argv)
+    if managed is not None:
+        problems.append(managed.problem())
+    problems.extend(replay_problems(facts.argv))
 
     settings = migration_settings(facts, in_place, save, state_fstype)
     in_place_backends = tuple(b for b in facts.backends if in_place and b.share)
@@ -245,6 +250,10 @@ def transfer_path(facts: VMFacts, new_version: tuple[int, int, int]) -> tuple[bo
     on for QEMU's own auxiliary RAM.  Otherwise: cpr-reboot to a file and an immediate
     restore with the new binary.
     """
+    managed = manager_of(facts.cgroup, facts.parent_comm, facts.argv)
+    refused = [managed.problem()] if managed else list(replay_problems(facts.argv))
+    if refused:  # the save-to-file path refuses it, before anything stops
+        return False, f"{refused[0]}: not moved"
     if facts.qemu_version < TRANSFER_VERSION or new_version < TRANSFER_VERSION:
         old = facts.version_str
         new = ".".join(map(str, new_version))

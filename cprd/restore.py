@@ -17,20 +17,21 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from cprd import manifest as mf
 from cprd import statefile
 from cprd.config import Config
 from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
+from cprd.hosts import disk_changes, identify, replay_argv
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
 from cprd.qmp import QMPConnection
 from cprd.settle import Settler
 from cprd.steps import Action, Intent
-from cprd.trust import check_binary
+from cprd.trust import binary_dir_problem, check_binary
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +40,15 @@ _MACHINE_OPTS = ("-machine", "-M", "--machine")
 
 
 def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
-    """The recorded argv with ``-incoming defer`` and the machine type pinned (pure)."""
+    """The recorded argv as cprd runs it again (pure): without ``-daemonize`` (see
+    :func:`cprd.hosts.replay_argv`), with ``-incoming defer`` in place of any
+    ``-incoming`` and the machine type pinned."""
+    argv = replay_argv(argv)
     out: list[str] = []
     pinned = False
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-incoming", "--incoming"):
-            i += 2
-            continue
-        if arg.startswith(("-incoming=", "--incoming=")):
-            i += 1
-            continue
         if arg in _MACHINE_OPTS and i + 1 < len(argv):
             out += [arg, _pin_machine(argv[i + 1], machine_type)]
             pinned = True
@@ -132,10 +130,42 @@ def check_executable(rec: VMRecord) -> None:
     except TrustError as err:
         raise RestoreError(f"{rec.name}: {err}") from err
     if rec.exe_dev is not None and pinned != (rec.exe_dev, rec.exe_ino):
-        raise RestoreError(
-            f"{rec.name}: QEMU executable {rec.executable} is not the file pinned at commit "
-            "(replaced since): refused"
+        # Replaced since the commit.  Updating QEMU across the reboot is what cprd is
+        # for (a package upgrade writes a new inode), so the new file is accepted when
+        # only root could have put it there; otherwise it is refused.
+        problem = binary_dir_problem(rec.executable)
+        if problem is not None:
+            raise RestoreError(
+                f"{rec.name}: QEMU executable {rec.executable} is not the file pinned at "
+                f"commit (replaced since), and {problem}: refused"
+            )
+        logger.warning(
+            "QEMU executable %s was replaced since the commit (a QEMU update): starting the "
+            "new one, which only root could have installed",
+            rec.executable,
+            extra={"CPRD_VM": rec.name},
         )
+
+
+def check_disks(rec: VMRecord, ignore: bool = False) -> None:
+    """Refuse a VM whose disk images changed since its QEMU quit at commit (CPR.rst:
+    guest block devices must not be modified between the quit and the restart);
+    RestoreError naming the image.  ``ignore``: log the changes and go on."""
+    changes = disk_changes(rec.disks, {d.path: identify(d.path) for d in rec.disks})
+    if not changes:
+        return
+    if ignore:
+        logger.warning(
+            "disk images changed, restoring anyway: %s",
+            "; ".join(changes),
+            extra={"CPRD_VM": rec.name},
+        )
+        return
+    raise RestoreError(
+        f"{rec.name}: disk image changed since the save: {'; '.join(changes)} (state kept; "
+        f"`cprd restore --ignore-disk-changes {rec.name}` restores it anyway)",
+        "restore it over the disk images it saw, or override if the change is known safe",
+    )
 
 
 class Restorer:
@@ -145,11 +175,13 @@ class Restorer:
         manifest_path: Path | None = None,
         launcher: Launcher | None = None,
         progress: ProgressCallback | None = None,
+        ignore_disk_changes: Collection[str] = (),
     ) -> None:
         self.config = config
         self.manifest_path = manifest_path or config.manifest_path
         self.launcher = launcher or make_launcher(config)
         self.progress = progress or (lambda *_: None)
+        self.ignore_disk_changes = frozenset(ignore_disk_changes)
 
     async def run(self) -> Manifest:
         """Restore every pending or failed VM; return the updated manifest.
@@ -219,6 +251,7 @@ class Restorer:
     async def restore_vm(self, rec: VMRecord) -> tuple[str, int]:
         """Relaunch one VM from its state file; return (its final runstate, its pid)."""
         check_files(rec, self.config.state_dir)
+        check_disks(rec, rec.name in self.ignore_disk_changes)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)

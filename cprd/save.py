@@ -40,6 +40,7 @@ from cprd.errors import (
     SaveError,
     StateError,
 )
+from cprd.hosts import DiskImage
 from cprd.inventory import Inventory, VMHandle, pin_records
 from cprd.launch import Launcher
 from cprd.log import Event, emit
@@ -335,6 +336,7 @@ class Saver:
             on_kexec_failure=self.config.vm(f.name).on_kexec_failure.value,
             exe_dev=f.binary[0] if f.binary else None,
             exe_ino=f.binary[1] if f.binary else None,
+            disks=tuple(DiskImage(path) for path in f.block_files),
         )
         return _Work(handle, plan, record)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, MonitorBusyError, QMPError
+from cprd.hosts import identify_all
 from cprd.log import Event, emit
 from cprd.manifest import Journal, VMRecord
 from cprd.qmp import QMPConnection
@@ -288,6 +289,9 @@ class Settler:
             assert d.to is not None
             if d.to is Step.COMMITTED:
                 _fsync_in_place(rec)
+                # Its QEMU has exited: the images are as the guest will find them.
+                self.journal.step(name, d.to, disks=identify_all(rec.disks))
+                return
             self.journal.step(name, d.to)
             return
         if action is Action.FINISH_SAVE:

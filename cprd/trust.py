@@ -198,3 +198,22 @@ def check_binary(path: str) -> tuple[int, int]:
             "install QEMU root-owned and not writable by group or others",
         )
     return st.st_dev, st.st_ino
+
+
+def binary_dir_problem(path: str) -> str | None:
+    """Why the directories holding binary ``path`` could let someone other than root
+    swap it, or None: every directory of its real path owned by root and not writable by
+    group or others (no sticky exception: nobody but root may place a binary there)."""
+    real = os.path.realpath(path)
+    current = os.path.dirname(real)
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as err:
+            return f"{current}: cannot stat: {err.strerror}"
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != 0 or mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"{current} is not root's alone (uid {st.st_uid}, mode {mode:04o})"
+        if current == "/":
+            return None
+        current = os.path.dirname(current)

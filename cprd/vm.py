@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cprd.errors import QMPError, TrustError
+from cprd.hosts import image_paths
 from cprd.qmp import QMPConnection, expect, field
 from cprd.trust import check_binary
 
@@ -82,6 +83,9 @@ class VMFacts:
     #: (st_dev, st_ino) of the file at ``executable``, the one a restore would start:
     #: recorded at prepare, checked at commit and at restore
     binary: tuple[int, int] | None = None
+    cgroup: str = ""  # /proc/PID/cgroup as read (which manager runs it)
+    parent_comm: str = ""  # the parent process's name (libvirtd, virtqemud, ...)
+    block_files: tuple[str, ...] = ()  # image files of its block nodes (hosts.image_paths)
 
     @property
     def ram_bytes(self) -> int:
@@ -185,6 +189,22 @@ def read_executable(pid: int) -> str:
     exe = os.readlink(f"/proc/{pid}/exe")
     # An executable replaced by a package upgrade reads "/usr/bin/qemu (deleted)".
     return exe.removesuffix(" (deleted)")
+
+
+def read_cgroup(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def read_parent_comm(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        return Path(f"/proc/{ppid}/comm").read_text().strip()
+    except (OSError, ValueError, IndexError):
+        return ""
 
 
 def _unescape_mount(field: str) -> str:
@@ -405,6 +425,7 @@ async def inspect(
         aux = await conn.execute("qom-get", {"path": "/machine", "property": "aux-ram-share"})
     except QMPError:  # QEMU before 10.0
         aux = False
+    nodes = await conn.execute("query-named-block-nodes", {"flat": True})
     return VMFacts(
         name=vm_name(argv, conn.path),
         qmp_socket=str(conn.path),
@@ -428,4 +449,9 @@ async def inspect(
         aux_ram_share=expect(aux, bool, "aux-ram-share"),
         identity=identity,
         binary=binary,
+        cgroup=read_cgroup(conn.pid),
+        parent_comm=read_parent_comm(conn.pid),
+        block_files=image_paths(
+            n for n in (nodes if isinstance(nodes, list) else []) if isinstance(n, dict)
+        ),
     )

@@ -387,8 +387,37 @@ def test_restore_checks_the_pinned_binary(tmp_path: Path) -> None:
     with pytest.raises(RestoreError) as err:
         check_files(rec, state)
     assert str(err.value) == (
-        f"web1: QEMU executable {exe} is not the file pinned at commit (replaced since): refused"
+        f"web1: QEMU executable {exe} is not the file pinned at commit (replaced since), "
+        f"and /tmp is not root's alone (uid 0, mode 1777): refused"
     )
+
+
+def test_restore_accepts_a_qemu_updated_by_root() -> None:
+    """Updating QEMU across the reboot is what cprd is for: a package upgrade writes a
+    new inode at the same path.  Where only root can write (every directory of the real
+    path root's and not group/other writable), the new binary is started; elsewhere the
+    pin refuses it (test above)."""
+    top = Path(tempfile.mkdtemp(prefix="cprd-test-bin-", dir="/run"))
+    try:
+        os.chmod(top, 0o755)
+        state = top / "state"
+        state.mkdir(mode=0o700)
+        exe = top / "qemu"
+        shutil.copy("/bin/true", exe)
+        st = os.stat(exe)
+        rec = record(state, executable=str(exe), exe_dev=st.st_dev, exe_ino=st.st_ino)
+        rec = rec.replace(in_place=())
+        Path(rec.state_file).write_bytes(b"abc")
+        shutil.copy("/bin/true", top / "new")
+        os.replace(top / "new", exe)  # apt's way: a new inode at the same path
+        assert os.stat(exe).st_ino != st.st_ino
+        check_files(rec, state)  # accepted
+        os.chmod(top, 0o775)  # now a group could have swapped it
+        with pytest.raises(RestoreError) as err:
+            check_files(rec, state)
+        assert f"and {top} is not root's alone (uid 0, mode 0775): refused" in str(err.value)
+    finally:
+        shutil.rmtree(top)
 
 
 # --- real QEMUs ------------------------------------------------------------------------
