@@ -19,7 +19,8 @@ PKGS=(busybox-static cpio dbus libsystemd-dev pkg-config kexec-tools gcc make
       python3-venv python3-dev systemd iproute2 util-linux e2fsprogs
       build-essential dpkg-dev debhelper python3-pip lintian man-db groff-base
       python3-yaml python3-systemd debootstrap tmux)
-BPO_PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent)
+# libvirt only for the test that a libvirt-run QEMU is refused naming libvirt (issue 13).
+BPO_PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-driver-qemu libvirt-clients)
 
 need_bpo=0
 if ! qemu-system-x86_64 --version 2>/dev/null | grep -qE 'version (1[0-9]|9\.[1-9])\.'; then
