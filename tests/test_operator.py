@@ -92,6 +92,8 @@ def conforms(doc: object, schema: str, schemas: dict[str, dict[str, str]], where
             elif kind == "array of object":
                 for element in value:
                     walk(element, path + "[].")
+                if not value:  # the fields of its elements cannot be present
+                    seen.update(p for p in table if p.startswith(path + "[]."))
 
     assert isinstance(doc, dict), f"{where}: not an object: {doc!r}"
     walk(doc, "")
