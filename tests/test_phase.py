@@ -19,13 +19,16 @@ import pytest
 from fixtures_bus import BusDaemon
 from fixtures_daemon import Daemon, start_daemon, stop_daemon
 from harness import GuestFactory, GuestSpec, GuestVM, Memory
-from test_operator import conforms, documented
+from test_cycle import make_config
+from test_operator import conforms, documented, list_vms
 
 from cprd.controller import held, phase_line, vm_document
+from cprd.inventory import Inventory
 from cprd.manifest import VMRecord
 from cprd.plan import MigrationSettings
 from cprd.render import action_cell, status_table
 from cprd.steps import Step
+from cprd.vm import VMFacts
 
 # --- pure -----------------------------------------------------------------------------------
 
@@ -86,6 +89,31 @@ def test_a_committed_vm_is_listed_from_its_record() -> None:
     assert row == ["web", "-", "committed", "-", "-", "-", "-", "committed", "(QEMU", "quit)", "-"]
 
 
+def test_a_record_of_an_earlier_qemu_is_not_this_one() -> None:
+    """A VM restored by cprd, then restarted by its operator: no longer "restored"."""
+    facts = VMFacts(
+        name="web",
+        qmp_socket="/run/web/qmp.sock",
+        pid=4242,
+        argv=(),
+        executable="/usr/bin/qemu-system-x86_64",
+        qemu_version=(10, 0, 2),
+        machine_type="pc-q35-10.0",
+        runstate="running",
+        vfio_devices=(),
+        backends=(),
+        wakeup_suspend_support=True,
+        migration_capabilities=(),
+        migration_blockers=(),
+    )
+    doc = vm_document(facts, record(Step.RESTORED))
+    assert (doc["pid"], doc["step"], doc["phase"]) == (4242, "restored", "restored")
+    doc = vm_document(facts.replace(pid=5000), record(Step.RESTORED))
+    assert (doc["pid"], doc["step"], doc["phase"]) == (5000, "", "")
+    # A saved VM is its recorded QEMU whatever: the record stands.
+    assert vm_document(facts, record(Step.SAVED))["step"] == "saved"
+
+
 def test_a_saved_vm_shows_its_phase_not_refused() -> None:
     vm = {"name": "web", "step": "saved", "phase": phase_line(record(Step.SAVED))}
     assert action_cell(vm, {}) == vm["phase"]
@@ -130,8 +158,12 @@ def status(daemon: Daemon) -> dict[str, Any]:
 
 
 def agrees(daemon: Daemon, vms: list[GuestVM], after: str) -> dict[str, dict[str, Any]]:
-    """`cprdctl status --json`, run at once, agrees with each guest's QMP and its real pid;
-    no VM is REFUSED.  Returns the VM objects by name."""
+    """D-Bus ListVMs and then `cprdctl status --json`, read at once, agree with each guest's
+    QMP and its real pid; no VM is REFUSED.  Returns status's VM objects by name.
+
+    ListVMs is read first and by itself: `cprdctl status` runs Check before it, and Check
+    scans the inventory, which would hide a picture left stale by the operation."""
+    bare = list_vms(daemon)
     doc = status(daemon)
     listed = {vm["name"]: vm for vm in doc["vms"]}
     truth = {}
@@ -139,8 +171,9 @@ def agrees(daemon: Daemon, vms: list[GuestVM], after: str) -> dict[str, dict[str
         pids = vm.running_pids()
         assert len(pids) == 1, f"after {after}: {vm.name} runs in {pids}"
         truth[vm.name] = {"pid": pids[0], "runstate": vm.runstate()}
-    seen = {n: {"pid": v["pid"], "runstate": v["runstate"]} for n, v in listed.items()}
-    assert seen == truth, f"after {after}: status says {seen}, QEMU says {truth}"
+    for what, got in (("ListVMs", bare), ("status", listed)):
+        seen = {n: {"pid": v["pid"], "runstate": v["runstate"]} for n, v in got.items()}
+        assert seen == truth, f"after {after}: {what} says {seen}, QEMU says {truth}"
     refused = [c for c in doc["check"] if not c["ok"]]
     assert not refused, f"after {after}: {refused}"
     text = run(daemon, "status")
@@ -152,7 +185,9 @@ def agrees(daemon: Daemon, vms: list[GuestVM], after: str) -> dict[str, dict[str
 def test_status_is_true_after_every_command(guests: GuestFactory, s3_daemon: Daemon) -> None:
     daemon = s3_daemon
     plain, s3 = guests(
-        GuestSpec("plain", memory=Memory.MEMFD, extra_args=AUX), GuestSpec("s3", fill_mib=16)
+        GuestSpec("plain", memory=Memory.MEMFD, extra_args=AUX),
+        GuestSpec("s3", fill_mib=16),
+        timeout=180,  # the shared host may be loaded
     )
     vms = [plain, s3]
     deadline = time.monotonic() + 30
@@ -222,3 +257,27 @@ def test_status_is_true_after_every_command(guests: GuestFactory, s3_daemon: Dae
     assert {(v["runstate"], v["step"], v["phase"]) for v in restored.values()} == {
         ("running", "restored", "restored")
     }
+
+
+@pytest.mark.qemu
+async def test_resync_holds_the_new_qemu_at_once(guests: GuestFactory, vm_dir_root: Path) -> None:
+    """A VM whose QEMU was replaced (here: killed and started again on the same socket,
+    as a reload does) is held in its new QEMU as soon as resync returns; no background
+    task runs, and the event loop had no chance to notice the old link closing."""
+    (vm,) = guests(GuestSpec("one"), timeout=180)
+    inventory = Inventory(make_config(vm_dir_root))
+    try:
+        await inventory.scan()
+        (handle,) = inventory.vms()
+        old = handle.facts.pid
+        assert old == vm.pid
+        # Blocking calls: the loop runs nothing meanwhile, as during a busy operation.
+        vm.kill()
+        vm.released()
+        vm.start()
+        await inventory.resync()
+        (handle,) = inventory.vms()
+        assert handle.facts.pid == vm.pid != old
+        assert handle.facts.runstate == vm.runstate()
+    finally:
+        await inventory.close()
