@@ -289,12 +289,8 @@ def test_agent_column_and_json_documents(guests: GuestFactory, daemon: Daemon) -
     assert re.fullmatch(r"phase: prepared, created \S+, kernel \S+, 2 VMs", summary[0])
     assert summary[1].split() == ["VM", "PHASE", "OUTCOME", "STATE", "SIZE", "QEMU"]
     qemu = re.escape(vms["web"]["qemu_version"])
-    assert re.fullmatch(
-        rf"db +prepared +pending +\d+ KiB +{qemu} /\S+qemu-system-x86_64", summary[2]
-    )
-    assert re.fullmatch(
-        rf"web +prepared +pending +\d+ MiB +{qemu} /\S+qemu-system-x86_64", summary[3]
-    )
+    assert re.fullmatch(rf"db +saved +pending +\d+ KiB +{qemu} /\S+qemu-system-x86_64", summary[2])
+    assert re.fullmatch(rf"web +saved +pending +\d+ MiB +{qemu} /\S+qemu-system-x86_64", summary[3])
     raw = daemon.ctl("manifest", "--yaml").stdout
     assert raw.startswith("version: 2\n") and re.search(r"\n# sha256: [0-9a-f]{64}\n\Z", raw)
 
