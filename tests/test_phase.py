@@ -22,7 +22,7 @@ from harness import GuestFactory, GuestSpec, GuestVM, Memory
 from test_cycle import make_config
 from test_operator import conforms, documented, list_vms
 
-from cprd.controller import held, phase_line, vm_document
+from cprd.controller import Controller, PrepareOptions, held, phase_line, vm_document
 from cprd.inventory import Inventory
 from cprd.manifest import VMRecord
 from cprd.plan import MigrationSettings
@@ -281,3 +281,47 @@ async def test_resync_holds_the_new_qemu_at_once(guests: GuestFactory, vm_dir_ro
         assert handle.facts.runstate == vm.runstate()
     finally:
         await inventory.close()
+
+
+@pytest.mark.qemu
+async def test_vm_changed_carries_the_phase(guests: GuestFactory, vm_dir_root: Path) -> None:
+    """The documents the daemon signals (VMChanged, through Controller.on_vm) carry the
+    phase: saved after prepare, committed with no QEMU after commit (not "went away"),
+    restored after restore; each is sent before the operation returns."""
+    (vm,) = guests(GuestSpec("one"), timeout=180)
+    controller = Controller(make_config(vm_dir_root))
+    sent: list[tuple[str, dict[str, Any] | None]] = []
+    controller.on_vm = lambda name, doc: sent.append((name, doc))
+    await controller.start()
+
+    def last() -> dict[str, Any] | None:
+        docs = [doc for name, doc in sent if name == "one"]
+        return docs[-1] if docs else None
+
+    try:
+        await controller.prepare(PrepareOptions())
+        doc = last()
+        assert doc is not None and (doc["pid"], doc["runstate"], doc["step"]) == (
+            vm.pid,
+            "postmigrate",
+            "saved",
+        )
+        await controller.commit()
+        vm.released()
+        doc = last()
+        assert doc is not None and (doc["pid"], doc["runstate"], doc["phase"]) == (
+            0,
+            "",
+            "committed (QEMU quit)",
+        )
+        await controller.restore()
+        doc = last()
+        (pid,) = vm.running_pids()
+        assert doc is not None and (doc["pid"], doc["runstate"], doc["step"]) == (
+            pid,
+            "running",
+            "restored",
+        )
+        assert controller.listing() == [doc]
+    finally:
+        await controller.close()
