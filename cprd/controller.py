@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,12 @@ from cprd.config import Config
 from cprd.errors import CprdError, StateError
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher
-from cprd.manifest import Phase
+from cprd.manifest import Manifest, Phase, VMRecord
 from cprd.restore import Restorer
 from cprd.save import Saver
+from cprd.steps import RUNNING, Step
 from cprd.transfer import Upgrader
+from cprd.vm import VMFacts
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,63 @@ class InvalidArgument(CprdError):
     dbus_name = "InvalidArgs"
 
 
+# --- the phase of a VM, from its manifest record (pure) ------------------------------------
+
+
+def held(rec: VMRecord) -> bool:
+    """cprd holds this VM: it stopped, saved, quit or shut it down, and has not yet put
+    it back.  The preflight is not run against such a VM (it would refuse a saved one)."""
+    return rec.step not in RUNNING and rec.step is not Step.PLANNED
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**10:.0f} KiB" if n < 2**20 else f"{n / 2**20:.0f} MiB"
+
+
+def phase_line(rec: VMRecord) -> str:
+    """What cprd has done to a VM, for a person (ListVMs ``phase``)."""
+    step = rec.step
+    if step is Step.SAVED:
+        size = _size(rec.state_size) if rec.state_size is not None else "size unknown"
+        return f"saved ({size}, {rec.state_file}, resumable until commit)"
+    if step is Step.COMMITTED:
+        return "committed (QEMU quit)"
+    if step is Step.SHUT_DOWN:
+        return "shut down (booted again at restore)"
+    return str(step.value)  # restored, resumed, and the steps in between (migrating, ...)
+
+
+def vm_document(facts: VMFacts | None, rec: VMRecord | None) -> dict[str, Any]:
+    """One VM as ListVMs and VMChanged report it (pure): its QEMU's facts, plus its step
+    and phase when the manifest records one.  A VM whose QEMU is gone (committed, shut
+    down) is described from its record: ``pid`` 0, ``runstate`` empty, nothing QEMU
+    alone could tell (memory, VFIO)."""
+    if facts is not None and rec is not None and rec.step in RUNNING and rec.pid != facts.pid:
+        rec = None  # a record of an earlier QEMU: this one was started since, not by cprd
+    if facts is not None:
+        doc = facts.to_dict()
+    else:
+        assert rec is not None
+        doc = {
+            "name": rec.name,
+            "qmp_socket": rec.qmp_socket,
+            "pid": 0,
+            "executable": rec.executable,
+            "qemu_version": rec.qemu_version,
+            "machine_type": rec.machine_type,
+            "runstate": "",
+            "vfio_devices": [],
+            "ram_bytes": 0,
+            "memory": [],
+            "agent_socket": rec.agent_socket or "",
+            "agent_reachable": False,
+            "agent_probed_at": 0.0,
+        }
+    doc["step"] = rec.step.value if rec is not None else ""
+    doc["phase"] = phase_line(rec) if rec is not None else ""
+    return doc
+
+
 Listener = Callable[..., None]
 
 
@@ -92,7 +152,11 @@ class Controller:
         #: one operation at a time; Check and the preflight hold it too
         self._lock = asyncio.Lock()
         self._last_check: list[dict[str, Any]] = []
-        #: hooks set by the adapter: state(State), vm(name, facts|None), progress(...)
+        #: the manifest as last read, keyed by the file's identity (atomic writes rename)
+        self._manifest: tuple[tuple[int, int, int] | None, Manifest | None] = (None, None)
+        #: the VM documents last published through on_vm
+        self._published: dict[str, dict[str, Any]] = {}
+        #: hooks set by the adapter: state(State), vm(name, document|None), progress(...)
         self.on_state: Listener = lambda *_: None
         self.on_vm: Listener = lambda *_: None
         self.on_progress: Listener = lambda *_: None
@@ -151,6 +215,54 @@ class Controller:
     def vms(self) -> list[VMHandle]:
         return self.inventory.vms()
 
+    def _records(self) -> dict[str, VMRecord]:
+        """The manifest's records by VM name ({} without a readable manifest); read again
+        only when the file changed."""
+        try:
+            st = os.stat(self.manifest_path)
+        except OSError:
+            self._manifest = (None, None)
+            return {}
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._manifest[0] != key:
+            try:
+                manifest: Manifest | None = mf.read(self.manifest_path)
+            except CprdError:
+                manifest = None
+            self._manifest = (key, manifest)
+        manifest = self._manifest[1]
+        return {r.name: r for r in manifest.vms} if manifest is not None else {}
+
+    def listing(self) -> list[dict[str, Any]]:
+        """Every VM, by name, as ListVMs reports it: each QEMU the inventory holds, with
+        its step and phase from the manifest, and each VM the manifest holds whose QEMU
+        is gone (committed, shut down)."""
+        records = self._records()
+        docs = {h.name: vm_document(h.facts, records.get(h.name)) for h in self.inventory.vms()}
+        for name, rec in records.items():
+            if name not in docs and rec.step not in RUNNING:
+                docs[name] = vm_document(None, rec)
+        return [docs[n] for n in sorted(docs)]
+
+    def _publish(self) -> None:
+        """Send on_vm for every VM whose document changed (an empty one: it went away)."""
+        docs = {d["name"]: d for d in self.listing()}
+        for name in sorted(set(docs) | set(self._published)):
+            doc = docs.get(name)
+            if doc != self._published.get(name):
+                self.on_vm(name, doc)
+        self._published = docs
+
+    async def _resync(self) -> None:
+        """At the end of every operation, before its lock is released: the inventory
+        drops QEMUs that quit and holds the new ones, every VM's facts are read again, and
+        the changes are published.  So ListVMs is true when the operation returns."""
+        try:
+            await self.inventory.resync()
+        except (CprdError, OSError, TimeoutError) as err:
+            logger.warning("could not refresh the VM list: %s", err or type(err).__name__)
+        self._publish()
+
     async def check(self) -> list[dict[str, Any]]:
         """The preflight of every VM.  While an operation runs it changes nothing and
         asks QEMU nothing: it answers with the last result, marked ``stale``."""
@@ -162,9 +274,17 @@ class Controller:
         return result
 
     async def _check(self) -> list[dict[str, Any]]:
-        plans, problems = await self.saver.plan()
-        paths = await self.upgrader.paths(None, None, probe=False)  # Check runs no binary
-        upgrade = {h.name: (ok, why) for h, _, ok, why in paths}
+        # VMs that cprd itself holds (saved, committed) are not checked: ListVMs reports
+        # their phase.  The preflight would refuse a saved VM, which is not the news.
+        saved = {n for n, r in self._records().items() if held(r)}
+        if saved:
+            await self.inventory.scan()  # the VMs to check are those held after it
+        only = {h.name for h in self.inventory.vms()} - saved if saved else None
+        plans, problems = await self.saver.plan(only)
+        upgrade = {
+            h.name: (ok, why)
+            for h, _, ok, why in await self.upgrader.paths(None, None, probe=False)
+        }  # Check runs no binary
         out = []
         for handle, plan in plans:
             ok, why = upgrade.get(plan.name, (False, "?"))
@@ -226,6 +346,7 @@ class Controller:
                     await self.saver.commit()
             finally:
                 self._sync_state()
+                await self._resync()
         return str(self.manifest_path)
 
     async def kexec_anyway(self, shutdown: tuple[str, ...] = ()) -> str:
@@ -245,6 +366,7 @@ class Controller:
                     await self.saver.commit(anyway=True)
             finally:
                 self._sync_state()
+                await self._resync()
         return str(self.manifest_path)
 
     async def commit(self) -> None:
@@ -256,6 +378,7 @@ class Controller:
                 await self.saver.commit()
             finally:
                 self._sync_state()
+                await self._resync()
 
     async def resume(self) -> dict[str, str]:
         """Every VM back as it ran: after a prepare, or a commit interrupted on this boot."""
@@ -266,6 +389,7 @@ class Controller:
                 return await self.saver.resume()
             finally:
                 self._sync_state()
+                await self._resync()
 
     async def restore(self) -> dict[str, str]:
         """Restore a committed manifest (e.g. after a QEMU-only update, without a reboot)."""
@@ -278,8 +402,8 @@ class Controller:
                 result = await Restorer(self.config, self.manifest_path, self.launcher).run()
             finally:
                 self.inventory.exclude -= sockets
-            self._sync_state()
-            await self.inventory.scan()
+                self._sync_state()
+                await self._resync()
             return {r.name: f"{r.outcome.value}: {r.reason}" for r in result.vms}
 
     async def upgrade(self, names: list[str], binary: str | None) -> dict[str, str]:
@@ -291,12 +415,13 @@ class Controller:
                 return await self.upgrader.upgrade(names or None, binary)
             finally:
                 self._sync_state()
+                await self._resync()
 
     # --- hooks ----------------------------------------------------------------------------
 
     def _vm_changed(self, handle: VMHandle | None, what: str) -> None:
         if handle is not None:
-            self.on_vm(handle.name, None if what == "removed" else handle.facts)
+            self._publish()
 
     def _progress(self, name: str, phase: str, done: int, total: int) -> None:
         self.on_progress(name, phase, done, total)

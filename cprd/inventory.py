@@ -26,6 +26,7 @@ from cprd.log import Event as LogEvent
 from cprd.log import emit
 from cprd.manifest import VMRecord
 from cprd.qmp import Event, PeerCred, QMPConnection
+from cprd.settle import alive
 from cprd.trust import check_binary, path_problem, peer_problem
 from cprd.vm import ProcIdentity, VMFacts, inspect, read_identity
 
@@ -188,6 +189,26 @@ class Inventory:
                 logger.debug("refresh of %s failed: %s", handle.name, result)
             elif isinstance(result, BaseException):
                 raise result
+
+    async def resync(self, timeout: float = 20.0) -> None:
+        """Make the picture true now, not at the next poll: drop every handle whose QEMU
+        is gone (a VM reloaded or transferred into a new process), connect to every
+        socket at once (no backoff, except monitors another client holds), and read every
+        VM's facts again.  The end of each operation calls it, so that what ListVMs says
+        when the operation returns is already true."""
+        async with asyncio.timeout(timeout), self._scan_lock:
+            for _ in range(2):  # a refresh may reveal a link that just closed: once more
+                for path, handle in list(self.handles.items()):
+                    if handle.conn.closed.is_set() or not alive(handle.conn.pid):
+                        await self._drop(path, "QEMU went away")
+                    else:
+                        handle.dirty = True
+                for retry in self._retry.values():
+                    if not retry.busy:
+                        retry.next_at = 0.0
+                await self._scan()
+                if not any(h.dirty or h.conn.closed.is_set() for h in self.handles.values()):
+                    return
 
     def _check_peer(self, cred: PeerCred) -> None:
         """Refuse a QMP peer the trust rules do not accept (before its greeting is read)."""

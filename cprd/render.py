@@ -39,7 +39,7 @@ def ago(seconds: float) -> str:
 
 def agent_cell(vm: dict[str, Any], now: float) -> str:
     """The AGENT column: the last probe's answer and its age (pure)."""
-    if not vm.get("agent_socket"):
+    if not vm.get("agent_socket") or vm.get("pid") == 0:  # no agent, or no QEMU
         return "-"
     probed = float(vm.get("agent_probed_at", 0.0))
     if probed <= 0:
@@ -150,8 +150,18 @@ def manifest_summary(manifest: dict[str, Any]) -> str:
     return head + "\n" + table(rows)
 
 
+def action_cell(vm: dict[str, Any], check: dict[str, Any]) -> str:
+    """The ACTION column (pure): the check's action, or REFUSED; without a check result
+    (cprd does not check a VM it saved or committed) the VM's phase, or "-"."""
+    if not check:
+        return str(vm.get("phase") or "-")
+    return str(check.get("action", "?")) if check.get("ok") else "REFUSED"
+
+
 def status_table(vms: list[dict[str, Any]], checks: list[dict[str, Any]], now: float) -> str:
-    """`cprdctl status`'s table (pure); a STEP column when the daemon reports a VM's step."""
+    """`cprdctl status`'s table (pure); a STEP column when the daemon reports a VM's step.
+
+    A VM cprd holds (saved, committed) has no check result: its ACTION is its phase."""
     by_name = {c["name"]: c for c in checks}
     steps = any(vm.get("step") for vm in vms)
     rows = [["VM", "RUNSTATE", *(["STEP"] if steps else []), "RAM", "MEMORY", "VFIO", "AGENT"]]
@@ -159,17 +169,17 @@ def status_table(vms: list[dict[str, Any]], checks: list[dict[str, Any]], now: f
     for vm in vms:
         c = by_name.get(vm["name"], {})
         classes = sorted({m["class"] for m in vm["memory"]})
+        qemu = vm.get("pid") != 0  # a committed VM is listed from the manifest, no QEMU
         rows.append(
             [
                 vm["name"],
-                vm["runstate"],
+                vm["runstate"] or "-",
                 *([str(vm.get("step") or "-")] if steps else []),
-                mib(vm["ram_bytes"]),
-                ",".join(classes),
+                mib(vm["ram_bytes"]) if qemu else "-",
+                ",".join(classes) or "-",
                 str(len(vm["vfio_devices"])) if vm["vfio_devices"] else "-",
                 agent_cell(vm, now),
-                # No check result (e.g. a VM cprd saved, not checked again): nothing to say.
-                "-" if not c else c.get("action", "?") if c.get("ok") else "REFUSED",
+                action_cell(vm, c),
                 mib(c["bytes_to_write"]) if "bytes_to_write" in c else "-",
             ]
         )

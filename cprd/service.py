@@ -25,7 +25,7 @@ from cprd import controller as ctl
 from cprd import manifest as mf
 from cprd.controller import Controller, InvalidArgument, PrepareOptions
 from cprd.errors import CprdError
-from cprd.vm import VMFacts, redact_argv
+from cprd.vm import redact_argv
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Manager(ServiceInterface):
 
     @dbus_method()
     def ListVMs(self) -> VarDicts:
-        return [document(h.facts.to_dict()) for h in self.controller.vms()]
+        return [document(d) for d in self.controller.listing()]
 
     @dbus_method()
     async def Check(self) -> VarDicts:
@@ -176,7 +176,7 @@ class Manager(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def VMCount(self) -> DBusUInt32:
-        return len(self.controller.vms())
+        return len(self.controller.listing())
 
     @dbus_signal()
     def VMChanged(
@@ -215,9 +215,9 @@ class Manager(ServiceInterface):
     def _state_changed(self, state: ctl.State) -> None:
         self.emit_properties_changed({"State": state.value})
 
-    def _vm_changed(self, name: str, facts: VMFacts | None) -> None:
-        self.VMChanged(name, document(facts.to_dict()) if facts else {})
-        self.emit_properties_changed({"VMCount": len(self.controller.vms())})
+    def _vm_changed(self, name: str, doc: Mapping[str, object] | None) -> None:
+        self.VMChanged(name, document(doc) if doc else {})
+        self.emit_properties_changed({"VMCount": len(self.controller.listing())})
 
     def _progress(self, name: str, phase: str, done: int, total: int) -> None:
         now = time.monotonic()

@@ -32,7 +32,7 @@ from cprd.errors import CprdError, LaunchError, QMPError
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
-from cprd.plan import transfer_path
+from cprd.plan import MANAGED_CAPABILITIES, transfer_path
 from cprd.qmp import QMPConnection
 from cprd.restore import Restorer, relaunch_argv
 from cprd.save import Saver, wait_exit
@@ -185,6 +185,14 @@ class Upgrader:
                 name, exe, transfer_argv(facts.argv, facts.machine_type, cpr_sock)
             )
             await self._wait_for(lambda: cpr_sock.exists(), process, name, "its cpr socket")
+            # A save (then a resume or restore) leaves mapped-ram and multifd on, and
+            # mapped-ram needs a seekable file: cpr-transfer's socket channels are not.
+            caps = [
+                {"capability": c, "state": False}
+                for c in MANAGED_CAPABILITIES
+                if c in facts.migration_capabilities
+            ]
+            await old.execute("migrate-set-capabilities", {"capabilities": caps})
             await old.execute("migrate-set-parameters", {"mode": "cpr-transfer"})
             channels = [
                 {

@@ -61,6 +61,8 @@ def type_ok(kind: str, value: object) -> bool:
         return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if kind == "array of string":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "array of array of string":
+        return isinstance(value, list) and all(type_ok("array of string", v) for v in value)
     return {
         "string": isinstance(value, str),
         "integer": isinstance(value, int) and not isinstance(value, bool),
@@ -92,6 +94,8 @@ def conforms(doc: object, schema: str, schemas: dict[str, dict[str, str]], where
             elif kind == "array of object":
                 for element in value:
                     walk(element, path + "[].")
+                if not value:  # the fields of its elements cannot be present
+                    seen.update(p for p in table if p.startswith(path + "[]."))
 
     assert isinstance(doc, dict), f"{where}: not an object: {doc!r}"
     walk(doc, "")
@@ -116,6 +120,7 @@ def test_the_schema_doc_has_every_document() -> None:
                 "map",
                 "array of object",
                 "array of string",
+                "array of array of string",
                 *REFS,
             ), f"{name}.{path}: unknown type {kind!r}"
     # cprdctl(8) names every field too (the meanings are in the doc).
@@ -284,14 +289,10 @@ def test_agent_column_and_json_documents(guests: GuestFactory, daemon: Daemon) -
     assert re.fullmatch(r"phase: prepared, created \S+, kernel \S+, 2 VMs", summary[0])
     assert summary[1].split() == ["VM", "PHASE", "OUTCOME", "STATE", "SIZE", "QEMU"]
     qemu = re.escape(vms["web"]["qemu_version"])
-    assert re.fullmatch(
-        rf"db +prepared +pending +\d+ KiB +{qemu} /\S+qemu-system-x86_64", summary[2]
-    )
-    assert re.fullmatch(
-        rf"web +prepared +pending +\d+ MiB +{qemu} /\S+qemu-system-x86_64", summary[3]
-    )
+    assert re.fullmatch(rf"db +saved +pending +\d+ KiB +{qemu} /\S+qemu-system-x86_64", summary[2])
+    assert re.fullmatch(rf"web +saved +pending +\d+ MiB +{qemu} /\S+qemu-system-x86_64", summary[3])
     raw = daemon.ctl("manifest", "--yaml").stdout
-    assert raw.startswith("version: 1\n") and re.search(r"\n# sha256: [0-9a-f]{64}\n\Z", raw)
+    assert raw.startswith("version: 2\n") and re.search(r"\n# sha256: [0-9a-f]{64}\n\Z", raw)
 
     resume = daemon.ctl("resume")
     assert resume.returncode == 0, resume.stderr

@@ -12,6 +12,7 @@ from harness import GuestFactory, GuestSpec, Memory
 from test_cycle import make_config
 
 from cprd.inventory import Inventory
+from cprd.save import Saver
 from cprd.transfer import Upgrader, transfer_argv
 
 pytestmark = pytest.mark.qemu
@@ -130,3 +131,27 @@ def test_cprdctl_upgrade_qemu_over_the_bus(guests: GuestFactory, daemon: Daemon)
     vm.wait_tick_above(last)  # asserts it continued
     assert vm.agent("guest-ping") == {}
     daemon.wait_state("idle")
+
+
+async def test_upgrade_after_a_save_and_resume(guests: GuestFactory, vm_dir_root: Path) -> None:
+    """A save leaves mapped-ram and multifd on in the QEMU it resumes, and mapped-ram needs
+    a seekable file: cpr-transfer failed with "Migration requires seekable transport"
+    until it switched cprd's capabilities off itself."""
+    (vm,) = guests(GuestSpec("again", memory=Memory.MEMFD, extra_args=AUX))
+    inventory = Inventory(make_config(vm_dir_root))
+    try:
+        saver = Saver(inventory.config, inventory)
+        await saver.prepare()
+        await saver.resume()
+        assert vm.qmp("query-migrate-capabilities") and any(
+            c["capability"] == "mapped-ram" and c["state"]
+            for c in vm.qmp("query-migrate-capabilities")
+        )
+        last = vm.last_tick()
+        results = await Upgrader(inventory.config, inventory).upgrade()
+    finally:
+        await inventory.close()
+    assert results == {"again": "cpr-transfer: running"}, results
+    vm.released()
+    assert last is not None
+    vm.wait_tick_above(last)
