@@ -154,7 +154,7 @@ def guests(guest_image: tuple[Path, Path], vm_dir_root: Path) -> Iterator[GuestF
     returns them. All are killed at teardown (a restored QEMU too, found by its socket)."""
     started: list[GuestVM] = []
 
-    def start(*specs: GuestSpec, timeout: float = 60) -> list[GuestVM]:
+    def start(*specs: GuestSpec, timeout: float = 120) -> list[GuestVM]:
         vms = start_guests(specs, vm_dir_root, guest_image, timeout)
         started.extend(vms)
         return vms
