@@ -15,6 +15,7 @@ from typing import Any
 
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
 from cprd.hosts import manager_of, replay_problems
+from cprd.trust import dropped_uid
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -174,6 +175,14 @@ def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: st
     if managed is not None:
         problems.append(managed.problem())
     problems.extend(replay_problems(facts.argv))
+    uid = facts.identity.uids[0] if facts.identity is not None else 0
+    if uid != 0 and dropped_uid(facts.argv) != uid:
+        # Relaunching as that user (issue 13 item 2) is not built yet: a restore would
+        # start this QEMU as root, which it never was.
+        problems.append(
+            f"runs as uid {uid} (not dropped to by its own -run-with user=): cprd cannot "
+            "relaunch a QEMU as another user yet and would start it as root"
+        )
 
     settings = migration_settings(facts, in_place, save, state_fstype)
     in_place_backends = tuple(b for b in facts.backends if in_place and b.share)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from cprd import plan
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
-from cprd.vm import Backend, MemClass, VMFacts, classify, fstype_of, vm_name
+from cprd.vm import Backend, MemClass, ProcIdentity, VMFacts, classify, fstype_of, vm_name
 
 CAPS_10 = ("xbzrle", "x-ignore-shared", "multifd", "mapped-ram", "postcopy-ram")
 
@@ -290,4 +291,20 @@ def test_transfer_path() -> None:
     assert plan.transfer_path(facts(backends=(MEMFD,)), (10, 0, 2)) == (
         False,
         "-machine aux-ram-share=on is not set: saved to a file instead",
+    )
+
+
+def test_a_qemu_run_as_another_user_is_refused_until_cprd_can_relaunch_it_so() -> None:
+    """Relaunching as the same user is not built yet: such a QEMU would come back as root."""
+    ident = ProcIdentity(7, ("qemu",), 1, 2, (1000, 1000, 1000, 1000), (1000,) * 4)
+    vm = plan.plan_vm(facts(identity=ident), VMSettings(), SaveSettings(), "ext4")
+    assert any("runs as uid 1000" in p for p in vm.problems), vm.problems
+    dropped = dataclasses.replace(ident, uids=(65534,) * 4)
+    argv = ("qemu", "-run-with", "user=nobody")
+    ok = plan.plan_vm(facts(identity=dropped, argv=argv), VMSettings(), SaveSettings(), "ext4")
+    assert not any("runs as uid" in p for p in ok.problems), ok.problems
+    root = dataclasses.replace(ident, uids=(0,) * 4)
+    assert not any(
+        "runs as uid" in p
+        for p in plan.plan_vm(facts(identity=root), VMSettings(), SaveSettings(), "ext4").problems
     )
