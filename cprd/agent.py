@@ -111,14 +111,16 @@ def parse_line(line: bytes, max_parse: int = MAX_LINE) -> dict[str, Any]:
     line = line.lstrip(b"\xff\x00 \t\r").rstrip(b"\r")
     if json_depth_exceeds(line):
         raise AgentError(f"JSON nested deeper than {MAX_DEPTH} levels", _HINT)
-    if not line.startswith(b"{"):
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _Skip("not UTF-8") from err
+    if not text.startswith("{"):
         raise _Skip("not a JSON object")
     if len(line) > max_parse:
         raise _Skip(f"longer than {max_parse} bytes")
     try:
-        msg = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise _Skip("not UTF-8") from err
+        msg = json.loads(text)
     except RecursionError as err:  # the depth scan should have caught it: budget anyway
         raise AgentError(f"JSON nested deeper than {MAX_DEPTH} levels", _HINT) from err
     except ValueError as err:
