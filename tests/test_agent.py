@@ -289,20 +289,23 @@ async def test_error_in_place_of_sync_is_skipped(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "why"),
     [
-        b"\xff\xfe\xc0\xaf\n",
-        b'{"return": "\xed\xa0\x80"}\n',  # a UTF-16 surrogate, encoded: not UTF-8
-        b'{"return": "\xc0"}\n',
-        b"\x00" * 1000 + b"\n",
+        (b"\xff\xfe\xc0\xaf\n", "not UTF-8"),
+        (b'{"return": "\xed\xa0\x80"}\n', "not UTF-8"),  # an encoded UTF-16 surrogate
+        (b'{"return": "\xc0"}\n', "not UTF-8"),
+        (b"\x00" * 1000 + b"\n", "not a JSON object"),
     ],
 )
-async def test_invalid_utf8(tmp_path: Path, garbage: bytes) -> None:
+async def test_invalid_utf8(tmp_path: Path, garbage: bytes, why: str) -> None:
     """Not UTF-8: skipped like any stale line. Alone, it ends in the deadline; followed
     by the real answer, the call succeeds."""
     async with serve(tmp_path, sync_then(None, sync=lambda _: garbage)) as path:
         result, _ = await timed_call(path, timeout=0.5)
-    assert "no answer within 0.5s (1 unusable lines skipped, last: not " in str(agent_error(result))
+    assert str(agent_error(result)) == (
+        f"vm1: guest agent: guest-ping: no answer within 0.5s (1 unusable lines skipped, "
+        f"last: {why})"
+    )
     async with serve(tmp_path, sync_then(garbage + b'{"return": 1}\n')) as path:
         result, _ = await timed_call(path)
     assert result == 1
