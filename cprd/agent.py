@@ -20,8 +20,10 @@ input has a budget and everything that goes wrong ends as :class:`AgentError`:
   stale reply larger than that costs one call: closing the connection discards the rest.
 - **Nesting depth:** :data:`MAX_DEPTH` (32), checked by a linear scan before
   ``json.loads``, whose recursion a deep ``[[[[...`` would exhaust.
-- **Encoding:** a line that is not UTF-8 (or not JSON) is skipped like any stale line;
-  the first line may begin in the middle of an earlier client's reply.
+- **Encoding:** a line that is not UTF-8 (or not a JSON object) is skipped like any stale
+  line; the first line may begin in the middle of an earlier client's reply.  While
+  waiting for the guest-sync echo, lines longer than :data:`MAX_SYNC_LINE` are skipped
+  unparsed, so skipping costs the event loop little.
 - **Types:** every field read is checked (``return`` of a sync must be our integer id,
   ``error`` an object with a string ``desc``); guest text in an error is cut short and
   made printable, so the error stays one line.
@@ -56,6 +58,10 @@ MAX_DEPTH = 32
 CHUNK = 64 * 1024
 #: Longest guest-provided text quoted in an error or log line.
 MAX_QUOTE = 200
+#: Longest line parsed while waiting for the guest-sync echo, ``{"return": ID}``: longer
+#: lines are stale and skipped unparsed (json.loads of a wide 1 MiB line costs the event
+#: loop a third of a second).
+MAX_SYNC_LINE = 256
 
 _HINT = "the guest agent sends malformed data: check qemu-ga in the guest"
 _OPENERS = b"[{"
@@ -95,19 +101,26 @@ def json_depth_exceeds(line: bytes, limit: int = MAX_DEPTH) -> bool:
     return False
 
 
-def parse_line(line: bytes) -> dict[str, Any]:
+def parse_line(line: bytes, max_parse: int = MAX_LINE) -> dict[str, Any]:
     """One line from the agent as a JSON object.
 
     Raises :class:`AgentError` for JSON nested deeper than :data:`MAX_DEPTH` and
-    ``_Skip`` for anything else that is no JSON object (stale, garbled, not UTF-8)."""
+    ``_Skip`` for anything else that is no JSON object (stale, garbled, not UTF-8) and for
+    lines longer than ``max_parse``, which are not parsed at all."""
     # Stale bytes (the 0xFF delimiter of guest-sync-delimited) may precede the JSON.
     line = line.lstrip(b"\xff\x00 \t\r").rstrip(b"\r")
     if json_depth_exceeds(line):
         raise AgentError(f"JSON nested deeper than {MAX_DEPTH} levels", _HINT)
     try:
-        msg = json.loads(line.decode("utf-8"))
+        text = line.decode("utf-8")
     except UnicodeDecodeError as err:
         raise _Skip("not UTF-8") from err
+    if not text.startswith("{"):
+        raise _Skip("not a JSON object")
+    if len(line) > max_parse:
+        raise _Skip(f"longer than {max_parse} bytes")
+    try:
+        msg = json.loads(text)
     except RecursionError as err:  # the depth scan should have caught it: budget anyway
         raise AgentError(f"JSON nested deeper than {MAX_DEPTH} levels", _HINT) from err
     except ValueError as err:
@@ -218,12 +231,12 @@ class Agent:
             skipped = f" ({self._skipped} unusable lines skipped, last: {self._last_skip})"
         return f"{self.name}: guest agent: {cmd}: no answer within {self.timeout:g}s{skipped}"
 
-    async def _next(self, lines: _LineReader) -> dict[str, Any]:
+    async def _next(self, lines: _LineReader, max_parse: int = MAX_LINE) -> dict[str, Any]:
         """The next line that is a JSON object; others are skipped (and counted)."""
         while True:
             line = await lines.next()
             try:
-                msg = parse_line(line)
+                msg = parse_line(line, max_parse)
             except AgentError as err:
                 raise AgentError(f"{self.name}: guest agent: {err.message}", err.hint) from err
             except _Skip as why:
@@ -250,7 +263,7 @@ class Agent:
         token = secrets.randbelow(2**31)
         await self._send(writer, {"execute": "guest-sync", "arguments": {"id": token}})
         while True:
-            msg = await self._next(lines)
+            msg = await self._next(lines, MAX_SYNC_LINE)
             answer = msg.get("return")
             # type() and not isinstance(): True == 1, and a stale {"return": true} is not ours
             if type(answer) is int and answer == token:

@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 
 from cprd import agent as agent_mod
-from cprd.agent import MAX_DEPTH, MAX_LINE, Agent, json_depth_exceeds, parse_line
+from cprd.agent import (
+    MAX_DEPTH,
+    MAX_LINE,
+    MAX_SYNC_LINE,
+    Agent,
+    json_depth_exceeds,
+    parse_line,
+)
 from cprd.errors import AgentError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -126,6 +133,26 @@ async def test_honest_agent(tmp_path: Path) -> None:
     async with serve(tmp_path, handler) as path:
         result, _ = await timed_call(path)
     assert result == {"answer": 42}
+
+
+async def test_sync_skips_long_lines_unparsed(tmp_path: Path) -> None:
+    """While waiting for the guest-sync echo, a line longer than MAX_SYNC_LINE is stale
+    (the echo is {"return": ID}) and skipped without json.loads, even if it would match."""
+
+    def padded(token: int) -> bytes:
+        return b'{"return": %d, "pad": "%s"}\n' % (token, b"x" * MAX_SYNC_LINE)
+
+    async with serve(tmp_path, sync_then(None, sync=padded)) as path:
+        result, _ = await timed_call(path, timeout=0.5)
+    assert str(agent_error(result)) == (
+        "vm1: guest agent: guest-ping: no answer within 0.5s "
+        f"(1 unusable lines skipped, last: longer than {MAX_SYNC_LINE} bytes)"
+    )
+    wide = b"[" + b"[]," * 300_000 + b"[]]"  # a list: skipped before json.loads, quickly
+    start = time.monotonic()
+    with pytest.raises(agent_mod._Skip, match="not a JSON object"):
+        parse_line(wide)
+    assert time.monotonic() - start < 0.2
 
 
 async def test_agent_error_reply(tmp_path: Path) -> None:
@@ -262,20 +289,23 @@ async def test_error_in_place_of_sync_is_skipped(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("garbage", "why"),
     [
-        b"\xff\xfe\xc0\xaf\n",
-        b'{"return": "\xed\xa0\x80"}\n',  # a UTF-16 surrogate, encoded: not UTF-8
-        b'{"return": "\xc0"}\n',
-        b"\x00" * 1000 + b"\n",
+        (b"\xff\xfe\xc0\xaf\n", "not UTF-8"),
+        (b'{"return": "\xed\xa0\x80"}\n', "not UTF-8"),  # an encoded UTF-16 surrogate
+        (b'{"return": "\xc0"}\n', "not UTF-8"),
+        (b"\x00" * 1000 + b"\n", "not a JSON object"),
     ],
 )
-async def test_invalid_utf8(tmp_path: Path, garbage: bytes) -> None:
+async def test_invalid_utf8(tmp_path: Path, garbage: bytes, why: str) -> None:
     """Not UTF-8: skipped like any stale line. Alone, it ends in the deadline; followed
     by the real answer, the call succeeds."""
     async with serve(tmp_path, sync_then(None, sync=lambda _: garbage)) as path:
         result, _ = await timed_call(path, timeout=0.5)
-    assert "no answer within 0.5s (1 unusable lines skipped, last: not " in str(agent_error(result))
+    assert str(agent_error(result)) == (
+        f"vm1: guest agent: guest-ping: no answer within 0.5s (1 unusable lines skipped, "
+        f"last: {why})"
+    )
     async with serve(tmp_path, sync_then(garbage + b'{"return": 1}\n')) as path:
         result, _ = await timed_call(path)
     assert result == 1
@@ -343,7 +373,9 @@ async def test_last_resort_at_the_edge(tmp_path: Path) -> None:
     unhandled): a subclass whose line handling raises KeyError."""
 
     class Surprised(Agent):
-        async def _next(self, lines: agent_mod._LineReader) -> dict[str, Any]:
+        async def _next(
+            self, lines: agent_mod._LineReader, max_parse: int = MAX_LINE
+        ) -> dict[str, Any]:
             await lines.next()
             raise KeyError("surprise")
 
