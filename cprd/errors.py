@@ -78,17 +78,32 @@ class SaveError(CprdError):
 
     dbus_name = "SaveFailed"
 
-    def __init__(self, reason: str, outcomes: dict[str, str], pending: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        reason: str,
+        outcomes: dict[str, str],
+        pending: Sequence[str] = (),
+        lost: Sequence[str] = (),
+    ) -> None:
         self.reason = reason
         self.outcomes = dict(outcomes)
         #: VMs that could not be put back and are kept in the manifest for a resume.
         self.pending = tuple(pending)
+        #: VMs whose QEMU exited by itself before their state was complete.
+        self.lost = tuple(lost)
         detail = "; ".join(f"{vm}: {what}" for vm, what in sorted(self.outcomes.items()))
-        if self.pending:
+        if self.pending or self.lost:
+            parts = []
+            if self.lost:
+                parts.append(f"{', '.join(sorted(self.lost))} LOST: its QEMU exited by itself")
+            if self.pending:
+                parts.append(f"{', '.join(sorted(self.pending))} kept in the manifest")
             super().__init__(
                 f"save failed ({reason}); not every VM could be put back "
-                f"({', '.join(sorted(self.pending))} kept in the manifest): {detail}",
-                "run `cprd resume` (or `cprdctl resume`) once they answer",
+                f"({'; '.join(parts)}): {detail}",
+                "run `cprd resume` (or `cprdctl resume`) once they answer"
+                if self.pending
+                else "start the lost VMs again as you normally would",
             )
         else:
             super().__init__(f"save failed ({reason}); every VM was put back: {detail}")

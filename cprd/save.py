@@ -287,7 +287,7 @@ class Saver:
                 outcomes[w.name] = f"failed ({w.error}); {outcomes.get(w.name, '?')}"
             if cancelled is not None:
                 raise cancelled
-            raise SaveError(reason, outcomes, pending=kept)
+            raise SaveError(reason, outcomes, pending=kept, lost=_lost(outcomes))
         journal.phase(Phase.PREPARED)
         emit(
             logger,
@@ -579,7 +579,9 @@ class Saver:
             )
             journal.phase(Phase.PREPARING)
             outcomes, kept = await self._put_back(journal)
-            raise SaveError(f"commit failed: {reason}", outcomes, pending=kept)
+            raise SaveError(
+                f"commit failed: {reason}", outcomes, pending=kept, lost=_lost(outcomes)
+            )
         for name, res in sorted(refused.items()):
             emit(
                 logger,
@@ -627,6 +629,10 @@ def _describe(err: BaseException) -> str:
     if isinstance(err, CprdError):
         return text
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _lost(outcomes: dict[str, str]) -> list[str]:
+    return [name for name, what in outcomes.items() if "LOST: " in what]
 
 
 def _int(value: object) -> int:

@@ -261,3 +261,19 @@ def test_restore_brings_back_committed_and_boots_shut_down() -> None:
     assert decide(shut, Seen(Qemu.GONE), Intent.RESTORE).action is Action.COLD_BOOT
     done = dataclasses.replace(base, step=Step.RESTORED)
     assert decide(done, gone, Intent.RESTORE).action is Action.DONE
+
+
+def test_a_save_error_never_says_every_vm_was_put_back_when_one_was_lost() -> None:
+    """A QEMU that dies by itself while its save is cancelled (seen once with QEMU 10.0.2:
+    a segfault in migrate_cancel) is lost; the error must say so, not 'every VM was put
+    back'."""
+    from cprd.errors import SaveError
+
+    err = SaveError(
+        "x: boom",
+        {"big": "LOST: its QEMU exited during the save: the state is incomplete", "ok": "resumed"},
+        lost=["big"],
+    )
+    assert "every VM was put back" not in str(err)
+    assert "not every VM could be put back (big LOST: its QEMU exited by itself)" in str(err)
+    assert SaveError("r", {"a": "resumed"}).message.startswith("save failed (r); every VM was")
