@@ -331,7 +331,7 @@ async def test_bad_arguments_and_the_root_broadcast(guests: GuestFactory, daemon
         unknown = await _call(bus, "PrepareKexec", "a{sv}", [{"reboot": Variant("b", True)}])
         assert (unknown.error_name, unknown.body) == (
             "org.cprd.Cprd1.Error.InvalidArgs",
-            ["unknown option 'reboot' (known: commit)"],
+            ["unknown option 'reboot' (known: best_effort, commit, shutdown)"],
         )
         wrong = await _call(bus, "PrepareKexec", "a{sv}", [{"commit": Variant("s", "yes")}])
         assert (wrong.error_name, wrong.body) == (

@@ -332,6 +332,10 @@ async def test_real_libvirt_refused(
             )
         finally:
             await conn.close()
+        # libvirt's QEMU runs with umask 0002 and makes its socket group-writable, which
+        # the trust rules refuse before any inspection (test_trust.py); an operator gives
+        # cprd a socket only root can write, as here, and check then names libvirt.
+        (vm_dir / "qmp.sock").chmod(0o755)
         code, out = await check_output(vm_dir_root / "cprd.yaml", capsys)
         assert code == 1
         (line,) = out.splitlines()

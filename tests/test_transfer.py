@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +89,11 @@ async def test_a_new_qemu_that_fails_leaves_the_old_one_running(
     guests: GuestFactory, vm_dir_root: Path
 ) -> None:
     (vm,) = guests(GuestSpec("stay", memory=Memory.MEMFD, extra_args=AUX))
-    bad = vm_dir_root / "qemu-broken"
+    # Probed as nobody (issue 14): the binary must lie where nobody may reach it, in a
+    # directory only root writes (vm_dir_root is root's 0700).
+    bin_dir = Path(tempfile.mkdtemp(prefix="cprd-test-bin-", dir="/run"))
+    bin_dir.chmod(0o755)
+    bad = bin_dir / "qemu-broken"
     bad.write_text(
         "#!/bin/sh\ncase \"$1\" in --version) echo 'QEMU emulator version 10.0.9';; "
         "*) echo 'broken qemu' >&2; exit 1;; esac\n"
@@ -98,6 +104,7 @@ async def test_a_new_qemu_that_fails_leaves_the_old_one_running(
         results = await Upgrader(inventory.config, inventory).upgrade(binary=str(bad))
     finally:
         await inventory.close()
+        shutil.rmtree(bin_dir)
     assert list(results) == ["stay"]
     assert results["stay"].startswith("failed, still in its old QEMU: stay: the new QEMU exited")
     assert vm.running_pids() == [vm.pid] and vm.runstate() == "running"
