@@ -205,6 +205,11 @@ async def test_logind_kexec_signal_prepares_and_commits(
     assert await login1.lock_released()
     committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
     assert committed[0]["CPRD_PHASE"] == "committed"
+    released = journald.entries(
+        MESSAGE="released logind's shutdown delay lock: logind's kexec may go on"
+    )
+    assert len(released) == 1
+    assert int(released[0]["__MONOTONIC_TIMESTAMP"]) > int(committed[0]["__MONOTONIC_TIMESTAMP"])
 
 
 async def test_old_logind_gets_its_lock_back_at_once(
