@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.errors import DBusError
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+# method and signal: the names dbus-fast 2.44 (Debian 13) has; 5.x keeps them as aliases.
+from dbus_fast.service import ServiceInterface, dbus_property
+from dbus_fast.service import method as dbus_method
+from dbus_fast.service import signal as dbus_signal
 
 from cprd import controller as ctl
 from cprd.controller import Controller, InvalidArgument, PrepareOptions

@@ -190,7 +190,8 @@ class Serial:
 
 
 INTERESTING = re.compile(
-    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM|SAVE-PATH)|Linux version|"
+    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM|SAVE-PATH|INSTALLED)|"
+    r"Linux version|"
     r"kexec_core: Starting new kernel|reboot: Power down|Kernel panic"
 )
 

@@ -210,9 +210,15 @@ def boot1() -> None:
     for cmd in (("status",), ("check",)):
         r = run("cprdctl", *cmd, timeout=120)
         console(f"E2E-CPRDCTL {' '.join(cmd)} (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+    installed = {
+        "cprd_version": run("cprd", "--version").stdout.strip(),
+        "cprd_service": run("systemctl", "is-active", "cprd.service").stdout.strip(),
+        "systemd": run("systemctl", "--version").stdout.split("\n", 1)[0],
+    }
+    console(f"E2E-INSTALLED {json.dumps(installed)}")
     kver = os.uname().release
     append = cmdline()
-    write_phase("kexec", boot1=boot_id(), kexec_at=time.time(), append=append)
+    write_phase("kexec", boot1=boot_id(), kexec_at=time.time(), append=append, **installed)
     console("E2E-KEXEC-START")
     # The operator's path: load the kernel, then plain `systemctl kexec`. logind (systemd
     # >= 255) tells cprd first and waits for its delay lock; older systemd goes straight to
@@ -381,10 +387,12 @@ def boot2(phase: dict[str, Any]) -> dict[str, Any]:
         all(v["continued"] for v in vms.values())
         and "Result=success" in restore
         and not path["problems"]
+        and phase.get("cprd_service") == "active"
     )
     return {
         "ok": ok,
         "save_path": path,
+        "installed": {k: phase.get(k) for k in ("cprd_version", "cprd_service", "systemd")},
         "restore_unit": restore,
         "kexec_requested_at": phase.get("kexec_at"),
         "host_blackout_s": round(first_after - last_before, 3),
