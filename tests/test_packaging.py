@@ -587,7 +587,7 @@ def test_trixie_file_list(built_trixie: BuiltTrixie) -> None:
         packaged = built_trixie.contents / DIST_PACKAGES.lstrip("/") / "cprd" / name
         assert packaged.read_bytes() == (ROOT / "cprd" / name).read_bytes(), name
     script = (built_trixie.contents / "usr/bin/cprd").read_text()
-    assert script.startswith("#!/usr/bin/python3\n") and "from cprd.cli import main" in script
+    assert script.startswith("#! /usr/bin/python3\n") and "from cprd.cli import main" in script
     assert (built_trixie.control / "conffiles").read_text().split() == ["/etc/cprd/cprd.yaml"]
 
 
