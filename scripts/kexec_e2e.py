@@ -372,7 +372,7 @@ def main() -> int:
         default="trixie",
         help="the virtual host's release (trixie: logind path; bookworm: guard path)",
     )
-    ap.add_argument("--timeout", type=float, default=2400, help="host run deadline (s)")
+    ap.add_argument("--timeout", type=float, default=5400, help="host run deadline (s)")
     ap.add_argument("--deb", type=Path, help="use this .deb instead of building one")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the host disk image")
