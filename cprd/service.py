@@ -13,13 +13,16 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Mapping
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dbus_fast import Message, MessageType, PropertyAccess, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32
 from dbus_fast.errors import DBusError
-from dbus_fast.service import ServiceInterface, dbus_method, dbus_property, dbus_signal
+
+# method and signal: the names dbus-fast 2.44 (Debian 13) has; 5.x keeps them as aliases.
+from dbus_fast.service import ServiceInterface, dbus_property
+from dbus_fast.service import method as dbus_method
+from dbus_fast.service import signal as dbus_signal
 
 from cprd import controller as ctl
 from cprd import manifest as mf
@@ -40,10 +43,21 @@ PROGRESS_INTERVAL = 0.25
 #: or goes away; adding a field does not.
 SCHEMA_VERSION = 1
 
-VarDict = Annotated[dict[str, Variant], DBusSignature("a{sv}")]
-VarDicts = Annotated[list[dict[str, Variant]], DBusSignature("aa{sv}")]
-UInt64 = Annotated[int, DBusSignature("t")]
-Bool = Annotated[bool, DBusSignature("b")]
+# D-Bus signatures as return and argument annotations. dbus-fast reads a plain string
+# signature in every version (Debian 13 ships 2.44; typing.Annotated signatures need 4.0),
+# so at run time each alias IS its signature string; mypy sees the Python type.
+if TYPE_CHECKING:
+    VarDict = dict[str, Variant]
+    VarDicts = list[dict[str, Variant]]
+    Strs = list[str]
+    DBusStr = str
+    DBusUInt32 = int
+    SigVMChanged = list[Any]
+    SigProgress = list[Any]
+    SigPrepareFinished = list[Any]
+else:
+    VarDict, VarDicts, Strs, DBusStr, DBusUInt32 = "a{sv}", "aa{sv}", "as", "s", "u"
+    SigVMChanged, SigProgress, SigPrepareFinished = "sa{sv}", "sstt", "bs"
 T = TypeVar("T")
 
 
@@ -134,9 +148,7 @@ class Manager(ServiceInterface):
         return vardict(await dbus_errors(self.controller.restore()))
 
     @dbus_method()
-    async def UpgradeQemu(
-        self, names: Annotated[list[str], DBusSignature("as")], options: VarDict
-    ) -> VarDict:
+    async def UpgradeQemu(self, names: Strs, options: VarDict) -> VarDict:
         async def run() -> dict[str, str]:
             opts = {k: unvariant(v) for k, v in options.items()}
             unknown = sorted(set(opts) - {"binary"})
@@ -179,19 +191,15 @@ class Manager(ServiceInterface):
         return len(self.controller.listing())
 
     @dbus_signal()
-    def VMChanged(
-        self, name: str, facts: dict[str, Variant]
-    ) -> Annotated[list[Any], DBusSignature("sa{sv}")]:
+    def VMChanged(self, name: str, facts: dict[str, Variant]) -> SigVMChanged:
         return [name, facts]
 
     @dbus_signal()
-    def Progress(
-        self, name: str, phase: str, done: int, total: int
-    ) -> Annotated[list[Any], DBusSignature("sstt")]:
+    def Progress(self, name: str, phase: str, done: int, total: int) -> SigProgress:
         return [name, phase, done, total]
 
     @dbus_signal()
-    def PrepareFinished(self, ok: bool, detail: str) -> Annotated[list[Any], DBusSignature("bs")]:
+    def PrepareFinished(self, ok: bool, detail: str) -> SigPrepareFinished:
         return [ok, detail]
 
     # --- adapters ---------------------------------------------------------------------------
@@ -328,10 +336,12 @@ class BusGlue:
         self.inhibitor = fds[reply.body[0]] if fds else None
         logger.info("holding logind's shutdown delay lock")
 
-    def release_inhibitor(self) -> None:
+    def release_inhibitor(self, why: str = "cprd stops") -> None:
         if self.inhibitor is not None:
             os.close(self.inhibitor)
             self.inhibitor = None
+            # The kexec e2e test orders this line after the manifest's "committed".
+            logger.info("released logind's shutdown delay lock: %s", why)
 
     async def _on_plain_shutdown(self, start: bool) -> None:
         """logind before systemd 255 sends only PrepareForShutdown (no type): cprd cannot
@@ -348,7 +358,7 @@ class BusGlue:
             "logind sent no PrepareForShutdownWithMetadata (systemd < 255): "
             "releasing the delay lock; cprd-kexec-guard.service covers a kexec"
         )
-        self.release_inhibitor()
+        self.release_inhibitor("no kexec metadata from logind")
 
     async def _on_logind(self, start: bool, metadata: Mapping[str, Any]) -> None:
         self._metadata.set()
@@ -367,7 +377,7 @@ class BusGlue:
             logger.info("releasing logind's delay lock: the VMs are committed")
         else:
             logger.info("logind: %s under way: cprd does nothing", kind or "shutdown")
-        self.release_inhibitor()
+        self.release_inhibitor(f"logind's {kind or 'shutdown'} may go on")
 
     # --- GetManifest: the full text for root only ----------------------------------------------
 

@@ -1,19 +1,27 @@
-"""The kexec end-to-end test (issue 8): a virtual host does a real kexec and gets its VMs back.
+"""The kexec end-to-end test (issues 8, 16): a virtual host does a real kexec and gets its VMs back.
 
-    python3 scripts/kexec_e2e.py [--keep] [--timeout S] [--deb FILE] [--rebuild]
+    python3 scripts/kexec_e2e.py [--dist trixie|bookworm] [--keep] [--timeout S] [--deb FILE]
+                                 [--rebuild]
 
-As root on Debian 12 with QEMU 10 (make setup). Steps:
+As root with QEMU 10 (make setup). --dist picks the virtual host and the path that must
+save the VMs: trixie (default; Debian 13, systemd 257): logind's
+PrepareForShutdownWithMetadata, under cprd's delay lock; bookworm (Debian 12, systemd
+252): cprd-kexec-guard.service's ExecStop. Steps:
 1. the test guest (tests/guest/build.sh) and the virtual host's base root
-   (tests/kexec_e2e/build-vhost.sh: debootstrap, Debian kernel + initramfs, QEMU 10,
+   (tests/kexec_e2e/build-vhost.sh DIST: debootstrap, Debian kernel + initramfs, QEMU 10,
    kexec-tools, python3, dbus), both cached under /var/cache/cprd-test;
-2. the host disk: a copy of that root with the project's .deb (packaging/build-deb.sh)
-   installed by dpkg -i in a chroot, the test guest, the scenario units of
-   tests/kexec_e2e/host enabled, packed with mkfs.ext4 -d; cached by a hash of everything
-   that goes into it (vhost-<hash>/images/), so a warm run boots at once;
+2. the host disk: a copy of that root with the project's .deb for that release
+   (packaging/build-deb.sh --dist DIST) installed in a chroot (trixie: `apt-get install
+   ./cprd.deb`, which pulls Debian's python3-dbus-fast & co.; bookworm: dpkg -i), the test
+   guest, the scenario units of tests/kexec_e2e/host enabled, packed with mkfs.ext4 -d;
+   cached by a hash of everything that goes into it (vhost-*/images/), so a warm run
+   boots at once;
 3. the host boots under TCG (3 GiB, 2 vCPUs, memmap=256M!1G, serial to serial.log) on a
    qcow2 overlay of that disk; cprd-e2e.service inside it starts two inner VMs, waits for
-   their ticks and runs `cprdctl kexec`; after the kexec cprd-restore.service restores them
-   and cprd-e2e.service reports `E2E-RESULT <json>` on the serial console and powers off.
+   their ticks, runs `kexec --load` and plain `systemctl kexec`; after the kexec
+   cprd-restore.service restores them and cprd-e2e.service checks in the first boot's
+   journal which path saved them, reports `E2E-RESULT <json>` on the serial console and
+   powers off.
 This script follows serial.log, stamps each line with its own clock (for the blackout as
 seen from outside), prints the figures and exits non-zero when anything failed.
 """
@@ -83,12 +91,15 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None) -> None:
+MODES = {"trixie": "logind", "bookworm": "guard"}
+
+
+def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None, dist: str) -> None:
     with tempfile.TemporaryDirectory(prefix="cprd-kexec-e2e-img.", dir="/var/tmp") as tmp:
         work = Path(tmp)
         if deb is None:
-            say("building the .deb (packaging/build-deb.sh)")
-            sh(TOP / "packaging" / "build-deb.sh", work / "deb")
+            say(f"building the .deb (packaging/build-deb.sh --dist {dist})")
+            sh(TOP / "packaging" / "build-deb.sh", "--dist", dist, work / "deb")
             deb = next((work / "deb").glob("cprd_*.deb"))
         root = work / "root"
         say(f"copying the base root, installing {deb.name}")
@@ -99,15 +110,21 @@ def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None) -> None
             for m in ("proc", "sys", "dev"):
                 sh("mount", "--bind", f"/{m}", root / m)
                 mounts.append(root / m)
-            sh(
-                "chroot",
-                root,
-                "env",
-                "DEBIAN_FRONTEND=noninteractive",
-                "dpkg",
-                "-i",
-                "/tmp/cprd.deb",
-            )
+            env = ("chroot", root, "env", "DEBIAN_FRONTEND=noninteractive")
+            if dist == "trixie":  # the README's way: apt pulls Debian's own dependencies
+                sh(*env, "apt-get", "update", "-qq")
+                sh(
+                    *env,
+                    "apt-get",
+                    "install",
+                    "-y",
+                    "-qq",
+                    "--no-install-recommends",
+                    "/tmp/cprd.deb",
+                )
+                sh(*env, "apt-get", "clean")
+            else:
+                sh(*env, "dpkg", "-i", "/tmp/cprd.deb")
         finally:
             for m in reversed(mounts):
                 subprocess.run(["umount", "-l", str(m)], check=False)
@@ -116,6 +133,7 @@ def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None) -> None
         lib.mkdir(parents=True)
         for f in ("e2e_pmem.sh", "e2e_ticks.py", "e2e_scenario.py"):
             shutil.copy(HOST / f, lib / f)
+        (lib / "mode").write_text(MODES[dist] + "\n")
         share = root / "usr/local/share/cprd-e2e"
         share.mkdir(parents=True)
         for f in ("vmlinuz", "initrd.img"):
@@ -172,7 +190,8 @@ class Serial:
 
 
 INTERESTING = re.compile(
-    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM)|Linux version|"
+    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM|SAVE-PATH|INSTALLED)|"
+    r"Linux version|"
     r"kexec_core: Starting new kernel|reboot: Power down|Kernel panic"
 )
 
@@ -335,13 +354,25 @@ def report(result: dict[str, Any], timings: dict[str, float]) -> bool:
         print(f"journal boot1: {', '.join(result.get('events_boot1', []))}")
         print(f"journal boot2: {', '.join(result.get('events_boot2', []))}")
     print(f"pmem: {result.get('pmem_mount')}")
+    path = result.get("save_path")
+    if path:
+        print(f"saved by: {path['saved_by']} (expected {path['mode']})")
+        print(f"first boot's journal, s from the save's start: {path['marks_s']}")
+        for problem in path["problems"]:
+            print(f"PROBLEM: {problem}")
     print("RESULT:", "PASS" if ok else "FAIL")
     return ok
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--timeout", type=float, default=2400, help="host run deadline (s)")
+    ap.add_argument(
+        "--dist",
+        choices=sorted(MODES),
+        default="trixie",
+        help="the virtual host's release (trixie: logind path; bookworm: guard path)",
+    )
+    ap.add_argument("--timeout", type=float, default=5400, help="host run deadline (s)")
     ap.add_argument("--deb", type=Path, help="use this .deb instead of building one")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the host disk image")
@@ -358,7 +389,8 @@ def main() -> int:
     timings: dict[str, float] = {}
     t = time.monotonic()
     guest = last_line(sh("bash", TOP / "tests/guest/build.sh", capture=True))
-    vhost = last_line(sh("bash", E2E / "build-vhost.sh", capture=True))
+    say(f"virtual host: {args.dist}; the VMs must be saved by the {MODES[args.dist]} path")
+    vhost = last_line(sh("bash", E2E / "build-vhost.sh", args.dist, capture=True))
     timings["guest + vhost base"] = time.monotonic() - t
     key = hashlib.sha256(f"{vhost.name} {guest.name} {source_hash()}".encode()).hexdigest()
     images = vhost / "images"
@@ -368,7 +400,7 @@ def main() -> int:
     if args.rebuild or not image.exists():
         for old in images.glob("*.img"):
             old.unlink()
-        build_image(vhost, guest, image, args.deb)
+        build_image(vhost, guest, image, args.deb, args.dist)
     else:
         say(f"host disk cached: {image}")
     timings["host disk image"] = time.monotonic() - t

@@ -227,6 +227,11 @@ async def test_logind_kexec_signal_prepares_and_commits(
     vm.released()
     committed = journald.entries(MESSAGE_ID=Event.COMMITTED.value)
     assert committed[0]["CPRD_PHASE"] == "committed"
+    released = journald.entries(
+        MESSAGE="released logind's shutdown delay lock: logind's kexec may go on"
+    )
+    assert len(released) == 1
+    assert int(released[0]["__MONOTONIC_TIMESTAMP"]) > int(committed[0]["__MONOTONIC_TIMESTAMP"])
 
 
 async def test_logind_kexec_saves_what_can_be_saved(

@@ -1,11 +1,18 @@
-"""The Debian package (packaging/debian, issue 7): build, contents, lintian, manual
+"""The Debian packages (packaging/, issues 7 and 16): build, contents, lintian, manual
 pages, install, purge.
 
-The .deb is built once per run with ``packaging/build-deb.sh`` (dpkg-buildpackage in a
-copy of the tree; pip fetches the vendored qemu.qmp and dbus-fast, so PyPI or the
-configured mirror must be reachable), installed on this machine with ``dpkg -i`` and
-purged at the end, leaving the machine as it was (the group ``cprd`` is removed again
-only if the install created it).
+Debian 12 (packaging/bookworm): the .deb is built once per run with
+``packaging/build-deb.sh --dist bookworm`` (dpkg-buildpackage in a copy of the tree; pip
+fetches the vendored qemu.qmp and dbus-fast, so PyPI or the configured mirror must be
+reachable), installed on this machine with ``dpkg -i`` and purged at the end, leaving the
+machine as it was (the group ``cprd`` is removed again only if the install created it).
+
+Debian 13 (packaging/trixie): built with ``--dist trixie`` in the cached trixie root
+(packaging/build-root.sh; debootstrap and Debian's mirror the first time), where trixie's
+own lintian checks it; its contents and control fields are checked here. It cannot be
+installed on this Debian 12 machine (it needs Python 3.13 and trixie's libraries): `make
+kexec-e2e` installs it on a Debian 13 virtual host with ``apt-get install ./cprd_*.deb``
+and runs it there under systemd.
 
 Installing must start nothing that acts on VMs. debian/rules gives dh_installsystemd
 ``--no-start --no-stop-on-upgrade``, so the maintainer scripts contain no
@@ -156,7 +163,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     )
     out = tmp_path_factory.mktemp("deb")
     started = time.monotonic()
-    run("bash", str(BUILD_SCRIPT), str(out))
+    run("bash", str(BUILD_SCRIPT), "--dist", "bookworm", str(out))
     seconds = time.monotonic() - started
     arch = run("dpkg", "--print-architecture").strip()
     debs = sorted(out.glob("cprd_*.deb"))
@@ -277,7 +284,12 @@ def test_lintian(built: Built) -> None:
     shown = lintian("--show-overrides", str(built.deb)).stdout.splitlines()
     assert {line.split()[2] for line in shown if line.startswith("O:")} == OVERRIDDEN_TAGS
     assert all(line.startswith(("O:", "N:")) for line in shown), shown
-    overrides = (ROOT / "packaging/debian/cprd.lintian-overrides").read_text().splitlines()
+    overrides = (ROOT / "packaging/bookworm/debian/cprd.lintian-overrides").read_text()
+    check_override_reasons(overrides)
+
+
+def check_override_reasons(text: str) -> None:
+    overrides = text.splitlines()
     for i, line in enumerate(overrides):
         if line and not line.startswith("#"):
             assert i > 0 and overrides[i - 1].startswith("#"), f"no reason given for {line}"
@@ -469,3 +481,134 @@ def test_purge_leaves_nothing(installed: Installed) -> None:
     )
     assert "cprd" not in proc.stdout
     assert cprd_processes() == []
+
+
+# --- Debian 13 (trixie) ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuiltTrixie:
+    deb: Path
+    output: str  # build-deb.sh's stdout, trixie's lintian output included
+    contents: Path
+    control: Path
+
+
+@pytest.fixture(scope="module")
+def built_trixie(tmp_path_factory: pytest.TempPathFactory) -> BuiltTrixie:
+    assert os.geteuid() == 0, "the trixie build runs in a chroot: run the test as root"
+    out = tmp_path_factory.mktemp("deb-trixie")
+    output = run("bash", str(BUILD_SCRIPT), "--dist", "trixie", str(out))
+    debs = sorted(out.glob("cprd_*.deb"))
+    assert [d.name for d in debs] == [f"cprd_{__version__}_all.deb"], debs
+    contents, control = out / "contents", out / "control"
+    run("dpkg-deb", "-x", str(debs[0]), str(contents))
+    run("dpkg-deb", "-e", str(debs[0]), str(control))
+    return BuiltTrixie(debs[0], output, contents, control)
+
+
+def test_trixie_build_says_what_it_built(built_trixie: BuiltTrixie) -> None:
+    last = built_trixie.output.strip().splitlines()[-1]
+    assert last == f"build-deb: built {built_trixie.deb.name} for Debian 13 (trixie)"
+
+
+def test_trixie_lintian_clean(built_trixie: BuiltTrixie) -> None:
+    """build-deb.sh ran trixie's lintian with --fail-on error,warning --show-overrides:
+    it passed (or the build would have failed), printed nothing but the overridden tags
+    (O: lines after their N: reasons), and each override has its reason."""
+    lines = [
+        line
+        for line in built_trixie.output.splitlines()
+        if re.match(r"^[EWIPXNO]: ", line) and "cprd" in line.split()[1]
+    ]
+    assert {line.split()[2] for line in lines if line.startswith("O:")} == OVERRIDDEN_TAGS
+    assert all(line.startswith(("O:", "N:")) for line in lines), lines
+    check_override_reasons((ROOT / "packaging/trixie/debian/cprd.lintian-overrides").read_text())
+
+
+def test_trixie_control_fields(built_trixie: BuiltTrixie) -> None:
+    fields: dict[str, str] = {}
+    for line in (built_trixie.control / "control").read_text().splitlines():
+        key, sep, value = line.partition(": ")
+        if sep and not line.startswith(" "):
+            fields[key] = value
+    assert fields["Architecture"] == "all"
+    assert fields["Version"] == __version__
+    depends = [d.strip() for d in fields["Depends"].split(",")]
+    for dep in (
+        "python3-dbus-fast (>= 2.44)",
+        "python3-qemu-qmp (>= 0.0.6)",
+        "python3-systemd (>= 235)",
+        "python3-yaml (>= 6.0)",
+        "qemu-system-x86 (>= 1:10.0)",
+        "systemd (>= 255)",
+        "default-dbus-system-bus | dbus-system-bus",
+    ):
+        assert dep in depends, depends
+    assert any(d.startswith("python3:any") for d in depends), depends  # dh_python3
+    assert fields["Recommends"] == "kexec-tools"
+
+
+def test_trixie_file_list(built_trixie: BuiltTrixie) -> None:
+    """cprd in Debian's dist-packages, the console scripts pybuild made, the same units,
+    configuration and pages as on Debian 12, and nothing vendored."""
+    listing = run("dpkg-deb", "-c", str(built_trixie.deb))
+    paths = {line.split()[5].removeprefix(".").rstrip("/") for line in listing.splitlines()}
+    expected = {
+        *(p for p in VERBATIM if not p.startswith(PRIVATE)),
+        "/usr/bin/cprd",
+        "/usr/bin/cprdctl",
+        f"{DIST_PACKAGES}/cprd/__init__.py",
+        f"{DIST_PACKAGES}/cprd/cli.py",
+        f"{DIST_PACKAGES}/cprd/py.typed",
+        f"{DIST_PACKAGES}/cprd-{__version__}.dist-info/METADATA",
+        "/usr/share/man/man8/cprd.8.gz",
+        "/usr/share/man/man8/cprdctl.8.gz",
+        "/usr/share/man/man5/cprd.yaml.5.gz",
+        "/usr/share/doc/cprd/copyright",
+        "/usr/share/doc/cprd/README.Debian",
+    }
+    missing = expected - paths
+    assert not missing, f"missing from the .deb: {sorted(missing)}"
+    vendored = [
+        p
+        for p in paths
+        if p.startswith(("/usr/lib/cprd", "/usr/share/cprd", f"{DIST_PACKAGES}/qemu"))
+        or "dbus_fast" in p
+        or p.endswith((".so", ".pyc"))
+    ]
+    assert not vendored, vendored
+    assert not [p for p in paths if p.startswith("/lib")], "nothing under /lib"
+    for installed, source in VERBATIM.items():
+        if not installed.startswith(PRIVATE):
+            packaged = built_trixie.contents / installed.lstrip("/")
+            assert packaged.read_bytes() == (ROOT / source).read_bytes(), installed
+    for name in ("cli.py", "service.py"):
+        packaged = built_trixie.contents / DIST_PACKAGES.lstrip("/") / "cprd" / name
+        assert packaged.read_bytes() == (ROOT / "cprd" / name).read_bytes(), name
+    script = (built_trixie.contents / "usr/bin/cprd").read_text()
+    assert script.startswith("#! /usr/bin/python3\n") and "from cprd.cli import main" in script
+    assert (built_trixie.control / "conffiles").read_text().split() == ["/etc/cprd/cprd.yaml"]
+
+
+def test_trixie_maintainer_scripts(built_trixie: BuiltTrixie) -> None:
+    """As on Debian 12: nothing started, the guard and the daemon stopped only on
+    removal, every unit enabled; dh_python3 byte-compiles at install."""
+    scripts = {
+        name: (built_trixie.control / name).read_text()
+        for name in ("preinst", "postinst", "prerm", "postrm")
+        if (built_trixie.control / name).exists()
+    }
+    code = [
+        line.split("#", 1)[0].strip() for text in scripts.values() for line in text.splitlines()
+    ]
+    for line in code:
+        assert not re.search(r"\b(systemctl|invoke-rc\.d|service)\s+\S*\s*(start|restart)", line)
+    invokes = [line for line in code if "deb-systemd-invoke" in line]
+    assert invokes == [
+        "deb-systemd-invoke stop cprd-kexec-guard.service cprd.service >/dev/null || true"
+    ]
+    for unit in UNITS:
+        assert f"deb-systemd-helper enable '{unit}'" in scripts["postinst"], unit
+    assert "py3compile -p cprd" in scripts["postinst"]
+    assert "addgroup --system --quiet cprd" in scripts["postinst"]

@@ -1,15 +1,23 @@
 #!/bin/bash
-# Build the virtual host's base root for the kexec end-to-end test (issue 8).
+# Build the virtual host's base root for the kexec end-to-end test (issues 8 and 16).
 #
-# Output: ${CPRD_GUEST_CACHE:-/var/cache/cprd-test}/vhost-<hash>/{root/,vmlinuz,initrd.img,kver}
-# where <hash> is the first 16 hex digits of the sha256 of this script. Idempotent: a
-# complete directory is reused. The directory path is the last line of stdout.
+#   build-vhost.sh [trixie|bookworm]      (default: trixie)
 #
-# root/ is a Debian 12 tree (debootstrap) with systemd as PID 1, the Debian kernel and an
+# Output: ${CPRD_GUEST_CACHE:-/var/cache/cprd-test}/vhost[-trixie]-<hash>/{root/,vmlinuz,
+# initrd.img,kver} where <hash> is the first 16 hex digits of the sha256 of this script
+# and the release (bookworm keeps the plain "vhost-" prefix). Idempotent: a complete
+# directory is reused. The directory path is the last line of stdout.
+#
+# root/ is a Debian tree (debootstrap) with systemd as PID 1, the Debian kernel and an
 # initramfs (initramfs-tools, MODULES=most: virtio_blk + ext4 for a root on /dev/vda),
-# QEMU 10 from bookworm-backports, kexec-tools, python3, python3-yaml, python3-systemd
-# and dbus. cprd itself is NOT in it: run.py installs the project's .deb into a copy
-# for each run, so that the cached base does not go stale when cprd changes.
+# QEMU 10, kexec-tools, python3 and dbus:
+# - bookworm (Debian 12, systemd 252): QEMU from bookworm-backports, and python3-yaml
+#   and python3-systemd (the .deb vendors the rest).
+# - trixie (Debian 13, systemd 257): QEMU from trixie, and trixie-backports in the
+#   sources; cprd's Python dependencies are NOT in the base: `apt-get install ./cprd.deb`
+#   pulls them from Debian when the host disk is made (scripts/kexec_e2e.py).
+# cprd itself is NOT in it: kexec_e2e.py installs the project's .deb into a copy for
+# each run, so that the cached base does not go stale when cprd changes.
 set -euo pipefail
 
 log() { printf 'build-vhost: %s\n' "$*" >&2; }
@@ -18,10 +26,21 @@ die() {
 	exit 1
 }
 
+DIST=${1:-trixie}
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
-HASH=$(sha256sum <"$SELF" | cut -c1-16)
+HASH=$( (cat "$SELF" && echo "$DIST") | sha256sum | cut -c1-16)
 CACHE=${CPRD_GUEST_CACHE:-/var/cache/cprd-test}
-OUT="$CACHE/vhost-$HASH"
+case $DIST in
+bookworm)
+	OUT="$CACHE/vhost-$HASH"
+	EXTRA=python3-yaml,python3-systemd
+	;;
+trixie)
+	OUT="$CACHE/vhost-trixie-$HASH"
+	EXTRA=qemu-system-x86,qemu-utils
+	;;
+*) die "unknown release $DIST (trixie or bookworm)" ;;
+esac
 MIRROR=${CPRD_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 if [[ -f $OUT/done ]]; then
@@ -44,10 +63,10 @@ cleanup() {
 trap cleanup EXIT
 start=$(date +%s)
 
-log "debootstrap bookworm into $ROOT"
+log "debootstrap $DIST into $ROOT"
 debootstrap --variant=minbase \
-	--include=systemd,systemd-sysv,udev,dbus,kmod,e2fsprogs,procps,python3,python3-yaml,python3-systemd,kexec-tools,initramfs-tools,ca-certificates \
-	bookworm "$ROOT" "$MIRROR" >&2
+	--include=systemd,systemd-sysv,udev,dbus,kmod,e2fsprogs,procps,python3,kexec-tools,initramfs-tools,ca-certificates \
+	"$DIST" "$ROOT" "$MIRROR" >&2
 
 in_root() { chroot "$ROOT" /usr/bin/env DEBIAN_FRONTEND=noninteractive LC_ALL=C "$@"; }
 for m in proc sys dev; do
@@ -55,10 +74,10 @@ for m in proc sys dev; do
 	mounted=("$ROOT/$m" "${mounted[@]}")
 done
 
-cat >"$ROOT/etc/apt/sources.list.d/bookworm-backports.sources" <<SRC
+cat >"$ROOT/etc/apt/sources.list.d/$DIST-backports.sources" <<SRC
 Types: deb
 URIs: $MIRROR
-Suites: bookworm-backports
+Suites: $DIST-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
@@ -69,11 +88,13 @@ printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
 chmod 755 "$ROOT/usr/sbin/policy-rc.d"
 
 in_root apt-get update -qq >&2
-log "kernel + initramfs"
-in_root apt-get install -y -qq --no-install-recommends linux-image-amd64 >&2
-log "QEMU from bookworm-backports"
-in_root apt-get install -y -qq --no-install-recommends -t bookworm-backports \
-	qemu-system-x86 qemu-utils >&2
+log "kernel + initramfs, ${EXTRA//,/ }"
+in_root apt-get install -y -qq --no-install-recommends linux-image-amd64 ${EXTRA//,/ } >&2
+if [[ $DIST == bookworm ]]; then
+	log "QEMU from bookworm-backports"
+	in_root apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+		qemu-system-x86 qemu-utils >&2
+fi
 in_root apt-get clean
 rm -f "$ROOT/usr/sbin/policy-rc.d"
 sed -i 's/^LOAD_KEXEC=.*/LOAD_KEXEC=false/' "$ROOT/etc/default/kexec" 2>/dev/null || true
