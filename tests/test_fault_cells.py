@@ -20,7 +20,7 @@ from cprd.inventory import Inventory
 from cprd.manifest import Journal, Manifest, Phase
 from cprd.restore import relaunch_argv
 from cprd.save import Saver
-from cprd.steps import Step
+from cprd.steps import Action, Facts, Intent, Qemu, Seen, Step, decide
 
 pytestmark = pytest.mark.qemu
 
@@ -120,3 +120,20 @@ async def test_qemu_left_waiting_by_an_interrupted_reload_is_replaced(
     vm.wait_tick_above(before, timeout=15)
     assert vm.serial_text().count("cprd-guest-ready") == 1  # the same boot, going on
     assert not cfg.manifest_path.exists()
+
+
+def test_an_interrupted_shutdown_is_taken_up_again() -> None:
+    """The cells anyway/shutting-down/* (raise, cancel, enospc, kill-cprd): the shutdown of
+    a VM that could not be saved was interrupted; its guest still runs.  commit(anyway) only
+    waited ("shutting down") until its deadline (save.timeout_s + restore.timeout_s: 20
+    minutes by default, longer than logind's delay) instead of shutting it down again.
+    Pure: decide() alone."""
+    f = Facts(Step.SHUTTING_DOWN, "running", cprd_suspended=False, on_kexec_failure="shutdown")
+    d = decide(f, Seen(Qemu.UP, "running"), Intent.COMMIT_ANYWAY)
+    assert (d.action, d.to) == (Action.SHUTDOWN, Step.SHUTTING_DOWN)
+    d = decide(f, Seen(Qemu.HUNG), Intent.COMMIT_ANYWAY)
+    assert (d.action, d.to) == (Action.KILL, Step.SHUTTING_DOWN)
+    leave = Facts(Step.SHUTTING_DOWN, "running", cprd_suspended=False, on_kexec_failure="leave")
+    assert decide(leave, Seen(Qemu.UP, "running"), Intent.COMMIT_ANYWAY).action is Action.DONE
+    # The kexec can still be stopped: nothing is shut down there.
+    assert decide(f, Seen(Qemu.UP, "running"), Intent.COMMIT).action is Action.WAIT
