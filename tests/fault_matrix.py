@@ -654,7 +654,7 @@ def baseline(run: Run) -> dict[str, list[tuple[str, str]]]:
             raise SystemExit(f"baseline {op}: exit {rc}, {verdict} {why}\n" + "\n".join(run.out))
         words = trace.read_text().split()
         pairs = list(dict.fromkeys(zip(words[0::2], words[1::2], strict=True)))
-        if ("saved", "s3") not in pairs:
+        if op in ("prepare", "prepare+commit", "anyway") and ("saved", "s3") not in pairs:
             # Under load s3's agent may miss the preflight: then nothing of it is traced.
             raise SystemExit(f"baseline {op}: s3 was not saved: {pairs}\n" + "\n".join(run.out))
         out[op] = pairs
