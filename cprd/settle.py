@@ -192,12 +192,46 @@ class Settler:
             owned = True
         try:
             status = await conn.execute("query-status", timeout=self.qmp_timeout)
-            return Seen(Qemu.OTHER, _field(status, "status"), state_complete=complete)
+            runstate = _field(status, "status")
+            if runstate == "inmigrate" and await self._discard_orphan(rec, conn):
+                return Seen(Qemu.GONE, state_complete=complete)
+            return Seen(Qemu.OTHER, runstate, state_complete=complete)
         except QMPError:
             return Seen(Qemu.OTHER, state_complete=complete)
         finally:
             if owned:
                 await conn.close()
+
+    async def _discard_orphan(self, rec: VMRecord, conn: QMPConnection) -> bool:
+        """A QEMU that an interrupted reload or restore of this VM started (cprd was
+        killed meanwhile) and left waiting for an incoming state nobody will send: its
+        command line ends in ``-incoming defer`` and no incoming migration was asked for.
+        It holds nothing of the VM (the complete state file does): kill it, so that the
+        state file can be loaded again instead of the VM being kept forever."""
+        if rec.step not in (Step.RELOADING, Step.RESTORING) or not rec.state_size:
+            return False
+        try:
+            raw = Path(f"/proc/{conn.pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        argv = raw.split(b"\0")[:-1]
+        if argv[-2:] != [b"-incoming", b"defer"] or rec.qmp_socket.encode() not in raw:
+            return False
+        migration = await conn.execute("query-migrate", timeout=self.qmp_timeout)
+        if _field(migration, "status", "none") != "none":
+            return False
+        emit(
+            logger,
+            logging.WARNING,
+            Event.FAILURE,
+            "QEMU pid %d, left waiting for its state by an interrupted %s: killing it",
+            conn.pid,
+            rec.step.value,
+            vm=rec.name,
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(conn.pid, signal.SIGKILL)
+        return await wait_exit(conn.pid, 10)
 
     # --- the loop -----------------------------------------------------------------------
 

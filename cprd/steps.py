@@ -269,6 +269,10 @@ def _commit(f: Facts, seen: Seen, anyway: bool) -> Decision:
             return _d(Action.MARK, "shut down", Step.SHUT_DOWN)
         if seen.qemu is Qemu.UP and seen.runstate == "shutdown":
             return _d(Action.QUIT, "the guest powered off: quitting its QEMU", Step.SHUTTING_DOWN)
+        if anyway and seen.qemu in (Qemu.UP, Qemu.HUNG):
+            # The shutdown action ends with its QEMU gone; still there, it was interrupted
+            # (an error, cprd restarted): shut it down again rather than wait for nothing.
+            return _unsaved_anyway(f, seen, "its shutdown was interrupted")
         return _d(Action.WAIT, "shutting down")
     if not anyway:
         return _d(Action.KEEP, f"not saved ({step.value}): not committing")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,9 @@ from test_cycle import make_config
 from cprd import manifest as mf
 from cprd.inventory import Inventory
 from cprd.manifest import Journal, Manifest, Phase
+from cprd.restore import relaunch_argv
 from cprd.save import Saver
-from cprd.steps import Step
+from cprd.steps import Action, Facts, Intent, Qemu, Seen, Step, decide
 
 pytestmark = pytest.mark.qemu
 
@@ -65,3 +68,72 @@ async def test_interrupted_between_suspend_and_s3_is_woken(
     assert vm.runstate() == "running"
     assert not cfg.manifest_path.exists()
     assert os.listdir(cfg.state_dir) == []
+
+
+async def test_qemu_left_waiting_by_an_interrupted_reload_is_replaced(
+    guests: GuestFactory, vm_dir_root: Path
+) -> None:
+    """The cell resume/resumed/kill-cprd: cprd was killed while it reloaded a VM, after
+    its new QEMU (``-incoming defer``) started and before ``migrate-incoming``.  That QEMU
+    waits in ``inmigrate`` forever; every later resume said "another QEMU serves its
+    socket (inmigrate): kept", so the VM never came back without an operator's kill.
+
+    Set up that moment for real: a prepared save, the journal at ``restoring``, the old
+    QEMU quit, and the new one started with the argv cprd uses (by the test, as cprd's
+    launcher would).  Resume must replace it and load the complete state."""
+    (vm,) = guests(GuestSpec("r"))
+    cfg = make_config(vm_dir_root)
+    vm.wait_tick_above(1)
+    inventory = Inventory(cfg)
+    try:
+        manifest = await Saver(cfg, inventory).prepare()
+    finally:
+        await inventory.close()
+    (rec,) = manifest.vms
+    before = vm.last_tick() or 0
+    journal = Journal.load(cfg.manifest_path)
+    journal.step("r", Step.RESTORING)
+    vm.qmp("quit")
+    vm.released()
+    orphan = subprocess.Popen(
+        relaunch_argv(rec.argv, rec.machine_type),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        vm.wait_sockets()
+        vm.wait_runstate("inmigrate")
+        inventory = Inventory(cfg)
+        try:
+            outcomes = await Saver(cfg, inventory).resume()
+        finally:
+            await inventory.close()
+        assert orphan.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+    assert outcomes == {"r": "resumed from its state file (running)"}
+    assert vm.runstate() == "running"
+    vm.wait_tick_above(before, timeout=15)
+    assert vm.serial_text().count("cprd-guest-ready") == 1  # the same boot, going on
+    assert not cfg.manifest_path.exists()
+
+
+def test_an_interrupted_shutdown_is_taken_up_again() -> None:
+    """The cells anyway/shutting-down/* (raise, cancel, enospc, kill-cprd): the shutdown of
+    a VM that could not be saved was interrupted; its guest still runs.  commit(anyway) only
+    waited ("shutting down") until its deadline (save.timeout_s + restore.timeout_s: 20
+    minutes by default, longer than logind's delay) instead of shutting it down again.
+    Pure: decide() alone."""
+    f = Facts(Step.SHUTTING_DOWN, "running", cprd_suspended=False, on_kexec_failure="shutdown")
+    d = decide(f, Seen(Qemu.UP, "running"), Intent.COMMIT_ANYWAY)
+    assert (d.action, d.to) == (Action.SHUTDOWN, Step.SHUTTING_DOWN)
+    d = decide(f, Seen(Qemu.HUNG), Intent.COMMIT_ANYWAY)
+    assert (d.action, d.to) == (Action.KILL, Step.SHUTTING_DOWN)
+    leave = Facts(Step.SHUTTING_DOWN, "running", cprd_suspended=False, on_kexec_failure="leave")
+    assert decide(leave, Seen(Qemu.UP, "running"), Intent.COMMIT_ANYWAY).action is Action.DONE
+    # The kexec can still be stopped: nothing is shut down there.
+    assert decide(f, Seen(Qemu.UP, "running"), Intent.COMMIT).action is Action.WAIT
