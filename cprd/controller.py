@@ -9,10 +9,11 @@ adapts this object, the CLI could too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,8 @@ class Controller:
         self.state = State.IDLE
         #: one operation at a time; Check and the preflight hold it too
         self._lock = asyncio.Lock()
+        #: the operation holding the lock (None: none, or only a Check)
+        self._op: str | None = None
         self._last_check: list[dict[str, Any]] = []
         #: the manifest as last read, keyed by the file's identity (atomic writes rename)
         self._manifest: tuple[tuple[int, int, int] | None, Manifest | None] = (None, None)
@@ -208,7 +211,8 @@ class Controller:
 
     @property
     def busy(self) -> bool:
-        return self._lock.locked()
+        """An operation (not a Check) is in flight."""
+        return self._op is not None
 
     # --- queries --------------------------------------------------------------------------
 
@@ -266,9 +270,9 @@ class Controller:
     async def check(self) -> list[dict[str, Any]]:
         """The preflight of every VM.  While an operation runs it changes nothing and
         asks QEMU nothing: it answers with the last result, marked ``stale``."""
-        if self._lock.locked():
+        if self._op is not None:
             return [dict(r, stale=True) for r in self._last_check]
-        async with self._lock:
+        async with self._lock:  # waits for another Check, never blocks an operation long
             result = await self._check()
         self._last_check = result
         return result
@@ -324,11 +328,27 @@ class Controller:
             self.on_state(state)
 
     def _begin(self, allowed: set[State], what: str) -> None:
-        if self._lock.locked():
+        if self._op is not None:
             raise StateError(f"busy: {self.state.value}", "wait for it to finish")
         if self.state not in allowed:
             wanted = " or ".join(sorted(s.value for s in allowed))
             raise StateError(f"cannot {what} while {self.state.value} (needs {wanted})")
+
+    @contextlib.asynccontextmanager
+    async def _running(self, allowed: set[State] | None, what: str) -> AsyncIterator[None]:
+        """Hold the lock for one operation.  Another operation in flight refuses it at
+        once (Busy); a Check in flight is waited for (a Check may not block root's
+        prepare, commit or resume: any member of group cprd may call it)."""
+        if allowed is not None:
+            self._begin(allowed, what)
+        async with self._running(None, "kexec"):
+            if allowed is not None:
+                self._begin(allowed, what)  # the state may have moved while we waited
+            self._op = what
+            try:
+                yield
+            finally:
+                self._op = None
 
     async def prepare(self, options: PrepareOptions) -> str:
         """Save every VM (and commit when asked); return the manifest path.
@@ -336,8 +356,7 @@ class Controller:
         All or nothing, unless ``options.best_effort`` (see :meth:`kexec_anyway`)."""
         if options.best_effort:
             return await self.kexec_anyway(options.shutdown)
-        self._begin({State.IDLE}, "prepare")
-        async with self._lock:
+        async with self._running({State.IDLE}, "prepare"):
             self._set(State.PREPARING)
             try:
                 await self.saver.prepare(shutdown=options.shutdown)
@@ -352,7 +371,7 @@ class Controller:
     async def kexec_anyway(self, shutdown: tuple[str, ...] = ()) -> str:
         """The kexec goes ahead whatever happens: save what can be saved, shut down the
         rest, commit.  Waits for an operation in flight instead of refusing."""
-        async with self._lock:
+        async with self._running(None, "kexec"):
             try:
                 if self._manifest_phase() is Phase.PREPARING:
                     await self.saver.resume()  # VMs kept by an earlier failure: back first
@@ -371,8 +390,7 @@ class Controller:
 
     async def commit(self) -> None:
         """Quit the saved QEMUs; if that fails, every VM is put back (SaveError)."""
-        self._begin({State.PREPARED}, "commit")
-        async with self._lock:
+        async with self._running({State.PREPARED}, "commit"):
             self._set(State.COMMITTING)
             try:
                 await self.saver.commit()
@@ -382,8 +400,7 @@ class Controller:
 
     async def resume(self) -> dict[str, str]:
         """Every VM back as it ran: after a prepare, or a commit interrupted on this boot."""
-        self._begin({State.PREPARED, State.COMMITTED}, "resume")
-        async with self._lock:
+        async with self._running({State.PREPARED, State.COMMITTED}, "resume"):
             self._set(State.RESUMING)
             try:
                 return await self.saver.resume()
@@ -393,8 +410,7 @@ class Controller:
 
     async def restore(self) -> dict[str, str]:
         """Restore a committed manifest (e.g. after a QEMU-only update, without a reboot)."""
-        self._begin({State.COMMITTED, State.IDLE}, "restore")
-        async with self._lock:
+        async with self._running({State.COMMITTED, State.IDLE}, "restore"):
             manifest = mf.read(self.manifest_path)
             sockets = {Path(r.qmp_socket) for r in manifest.vms}
             self.inventory.exclude |= sockets
@@ -408,8 +424,7 @@ class Controller:
 
     async def upgrade(self, names: list[str], binary: str | None) -> dict[str, str]:
         """Move VMs to a new QEMU process without a reboot (cpr-transfer where possible)."""
-        self._begin({State.IDLE}, "upgrade QEMU")
-        async with self._lock:
+        async with self._running({State.IDLE}, "upgrade QEMU"):
             self._set(State.UPGRADING)
             try:
                 return await self.upgrader.upgrade(names or None, binary)

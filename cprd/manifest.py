@@ -90,6 +90,8 @@ class VMRecord:
     #: the disk images its block nodes used; their identity is recorded once its QEMU
     #: exited at commit, and a restore over a changed one is refused
     disks: tuple[DiskImage, ...] = ()
+    #: named to be shut down at commit instead of saved (cold-booted at restore)
+    shutdown_asked: bool = False
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -263,6 +265,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 "step": r.step.value,
                 "history": [list(h) for h in r.history],
                 "on_kexec_failure": r.on_kexec_failure,
+                "shutdown_asked": r.shutdown_asked,
                 **(
                     {"executable_pin": {"dev": r.exe_dev, "ino": r.exe_ino}}
                     if r.exe_dev is not None and r.exe_ino is not None
@@ -395,6 +398,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 step=step,
                 history=tuple((h[0], h[1]) for h in history),
                 on_kexec_failure=on_failure,
+                shutdown_asked=v.get("shutdown_asked", False) is True,
                 exe_dev=exe_dev,
                 exe_ino=exe_ino,
                 disks=tuple(disks),

@@ -206,6 +206,11 @@ class Saver:
             raise PreflightError({"host": "no VMs found"}, "check discovery.qmp_sockets")
 
         work = [self._work(h, p, problems.get(p.name, "")) for h, p in plans]
+        for w in work:
+            if w.name in shutdown:
+                w.record = w.record.replace(
+                    shutdown_asked=True, reason="asked to shut down instead of saving"
+                )
         skip = {w.name for w in work if w.name in shutdown or (anyway and w.name in problems)}
         for w in work:
             emit(

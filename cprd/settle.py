@@ -104,7 +104,9 @@ def state_complete(rec: VMRecord) -> bool:
 
 
 def facts_of(rec: VMRecord) -> Facts:
-    return Facts(rec.step, rec.runstate_before, rec.cprd_suspended, rec.on_kexec_failure)
+    return Facts(
+        rec.step, rec.runstate_before, rec.cprd_suspended, rec.on_kexec_failure, rec.shutdown_asked
+    )
 
 
 class Settler:

@@ -22,6 +22,7 @@ is confirmed running without it (:attr:`Decision.drop_state`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
@@ -84,6 +85,9 @@ class Facts:
     runstate_before: str  # running, paused or suspended
     cprd_suspended: bool  # cprd suspended it through its agent before saving
     on_kexec_failure: str = "shutdown"  # shutdown | leave
+    #: named by the caller to be shut down at commit instead of saved (cprdctl kexec
+    #: --shutdown VM, PrepareKexec {"shutdown": [...]})
+    shutdown_asked: bool = False
 
     @property
     def saved_suspended(self) -> bool:
@@ -269,11 +273,20 @@ def _commit(f: Facts, seen: Seen, anyway: bool) -> Decision:
             return _d(Action.MARK, "shut down", Step.SHUT_DOWN)
         if seen.qemu is Qemu.UP and seen.runstate == "shutdown":
             return _d(Action.QUIT, "the guest powered off: quitting its QEMU", Step.SHUTTING_DOWN)
-        if anyway and seen.qemu in (Qemu.UP, Qemu.HUNG):
+        if (anyway or f.shutdown_asked) and seen.qemu in (Qemu.UP, Qemu.HUNG):
             # The shutdown action ends with its QEMU gone; still there, it was interrupted
             # (an error, cprd restarted): shut it down again rather than wait for nothing.
             return _unsaved_anyway(f, seen, "its shutdown was interrupted")
         return _d(Action.WAIT, "shutting down")
+    if f.shutdown_asked and step in (Step.PLANNED, Step.RESUMED):
+        # Not saved on purpose: shut down cleanly at commit, booted again at restore.
+        if seen.qemu is Qemu.GONE:
+            return _d(Action.MARK, "its QEMU is gone (it was to be shut down)", Step.SHUT_DOWN)
+        return _unsaved_anyway(
+            dataclasses.replace(f, on_kexec_failure="shutdown"),
+            seen,
+            "asked to shut down instead of saving",
+        )
     if not anyway:
         return _d(Action.KEEP, f"not saved ({step.value}): not committing")
     # The kexec goes ahead and this VM was not saved (its save failed and was undone).

@@ -101,11 +101,17 @@ async def test_check_during_a_save_changes_nothing(guests: GuestFactory, vm_dir_
                 preparing.set()
 
         controller.on_state = on_state
+        # A Check in flight (any member of group cprd may start one) is waited for: it
+        # must not make root's prepare fail with Busy.
+        checking = asyncio.create_task(controller.check())
+        await asyncio.sleep(0.05)
+        assert controller._lock.locked() and not controller.busy
         prepare = asyncio.create_task(controller.prepare(PrepareOptions()))
         await asyncio.wait_for(preparing.wait(), 30)
         during = await controller.check()
         assert during == [dict(first[0], stale=True)]
         await prepare
+        assert (await checking)[0]["name"] == "big"
         assert controller.state.value == "prepared"
         assert vm.qmp("query-migrate-parameters")["mode"] == "cpr-reboot"
         await controller.resume()

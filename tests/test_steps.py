@@ -38,12 +38,14 @@ RUNSTATES = (
 MIGRATIONS = ("none", "setup", "active", "cancelling", "completed", "failed", "cancelled", "")
 BEFORE = ("running", "paused", "suspended")
 FACTS = [
-    Facts(step, before, suspended, on_failure)
+    Facts(step, before, suspended, on_failure, asked)
     for step in Step
     for before in BEFORE
     for suspended in (False, True)
     for on_failure in ("shutdown", "leave")
+    for asked in (False, True)
     if not (suspended and before != "running")  # cprd suspends running guests only
+    if not (asked and suspended)  # a VM named to be shut down is not suspended first
 ]
 SEEN = [
     Seen(qemu, runstate if qemu in (Qemu.UP, Qemu.OTHER) else "", mig, complete)
@@ -91,9 +93,11 @@ def test_only_the_kexec_going_ahead_shuts_down_or_kills() -> None:
     for f, seen, intent in ALL:
         d = decide(f, seen, intent)
         if d.action in (Action.SHUTDOWN, Action.KILL):
-            assert intent is Intent.COMMIT_ANYWAY, (f, seen, intent, d)
+            # ... or a VM its caller named to be shut down instead of saved
+            assert intent is Intent.COMMIT_ANYWAY or f.shutdown_asked, (f, seen, intent, d)
+            assert intent is not Intent.PUT_BACK, (f, seen, intent, d)
         if d.action is Action.SHUTDOWN:
-            assert f.on_kexec_failure == "shutdown", (f, seen, intent, d)
+            assert f.on_kexec_failure == "shutdown" or f.shutdown_asked, (f, seen, intent, d)
 
 
 def test_a_vm_is_started_only_where_nothing_serves_its_socket() -> None:
@@ -243,7 +247,8 @@ def test_every_crash_point_settles_running_saved_or_shut_down(intent: Intent) ->
                 if model.step is Step.COMMITTED:
                     assert model.qemu is Qemu.GONE and model.complete, where
                 elif model.step is Step.SHUT_DOWN:
-                    assert intent is Intent.COMMIT_ANYWAY and model.qemu is Qemu.GONE, where
+                    assert intent is Intent.COMMIT_ANYWAY or f.shutdown_asked, where
+                    assert model.qemu is Qemu.GONE, where
                 else:
                     assert intent is Intent.COMMIT_ANYWAY and f.on_kexec_failure == "leave", where
             else:
@@ -277,3 +282,16 @@ def test_a_save_error_never_says_every_vm_was_put_back_when_one_was_lost() -> No
     assert "every VM was put back" not in str(err)
     assert "not every VM could be put back (big LOST: its QEMU exited by itself)" in str(err)
     assert SaveError("r", {"a": "resumed"}).message.startswith("save failed (r); every VM was")
+
+
+def test_a_vm_named_to_be_shut_down_is_shut_down_at_a_commit_that_can_be_stopped() -> None:
+    """`cprdctl kexec --shutdown VM`: all or nothing for the others, but that VM is not
+    saved: its commit shuts it down (it used to refuse: 'not saved (planned)')."""
+    asked = Facts(Step.PLANNED, "running", False, "leave", shutdown_asked=True)
+    up = Seen(Qemu.UP, "running", "none")
+    d = decide(asked, up, Intent.COMMIT)
+    assert (d.action, d.to) == (Action.SHUTDOWN, Step.SHUTTING_DOWN)
+    d = decide(dataclasses.replace(asked, step=Step.SHUTTING_DOWN), Seen(Qemu.GONE), Intent.COMMIT)
+    assert (d.action, d.to) == (Action.MARK, Step.SHUT_DOWN)
+    plain = dataclasses.replace(asked, shutdown_asked=False)
+    assert decide(plain, up, Intent.COMMIT).action is Action.KEEP
