@@ -104,7 +104,7 @@ async def test_check_during_a_save_changes_nothing(guests: GuestFactory, vm_dir_
         # A Check in flight (any member of group cprd may start one) is waited for: it
         # must not make root's prepare fail with Busy.
         checking = asyncio.create_task(controller.check())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # it takes the lock and waits on QEMU
         assert controller._lock.locked() and not controller.busy
         prepare = asyncio.create_task(controller.prepare(PrepareOptions()))
         await asyncio.wait_for(preparing.wait(), 30)
