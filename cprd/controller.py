@@ -341,7 +341,7 @@ class Controller:
         prepare, commit or resume: any member of group cprd may call it)."""
         if allowed is not None:
             self._begin(allowed, what)
-        async with self._running(None, "kexec"):
+        async with self._lock:
             if allowed is not None:
                 self._begin(allowed, what)  # the state may have moved while we waited
             self._op = what
