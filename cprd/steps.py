@@ -175,9 +175,11 @@ def _put_back(f: Facts, seen: Seen) -> Decision:
     if step in RUNNING:
         return _d(Action.DONE, "running")
     if step is Step.PLANNED:
+        if seen.qemu is Qemu.GONE:  # untouched, but its QEMU exited by itself
+            return _d(Action.LOST, "its QEMU exited by itself before cprd touched it")
         return _d(Action.DONE, "untouched")
     if seen.qemu is Qemu.HUNG:
-        return _d(Action.KEEP, "its QEMU lives but does not answer: kept in the manifest")
+        return _d(Action.KEEP, "its QEMU lives but does not answer")
     if step in (Step.SHUTTING_DOWN, Step.SHUT_DOWN, Step.BOOTING):
         if seen.qemu is Qemu.GONE:
             return _d(Action.COLD_BOOT, "shut down: booting it again", Step.BOOTING)

@@ -107,9 +107,8 @@ async def test_qemu_sigstopped_during_its_save(guests: GuestFactory, vm_dir_root
     assert err.value.outcomes == {
         "a": "resumed (running)",
         "b": "resumed (running)",
-        "victim": "could not resume: victim: query-status: no reply within 10s; "
-        f"its QEMU (pid {pid}) lives on: kept in the manifest, run `cprd resume` once it "
-        "answers",
+        "victim": "could not be put back: its QEMU lives but does not answer; kept in the "
+        "manifest, run `cprdctl resume` once its QEMU answers",
     }
     assert str(err.value).startswith(
         "save failed (deadline of 5s passed); not every VM could be put back "
