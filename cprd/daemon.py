@@ -109,6 +109,11 @@ async def run_daemon(config: Config, bus_address: str | None) -> int:
         status()
         logger.info("cprd ready: %d VMs, %s", len(controller.vms()), controller.state.value)
         await stop.wait()
+        # Stopping: a second SIGTERM (systemd's, a test's) must not kill the process
+        # half-way through its clean exit, once the loop's handlers are gone.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
         notify("STOPPING=1")
         if controller.busy:
             # An operation in flight finishes first (controller.close waits for it).

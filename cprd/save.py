@@ -417,38 +417,17 @@ class Saver:
             fdset = await statefile.add_fdset(conn, fds, f"cprd-save-{w.name}", self._qmp_timeout)
         finally:
             statefile.close(fds)
-        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
-        journal.step(w.name, Step.MIGRATING)
-        start = time.monotonic()
-        await conn.execute(
-            "migrate", {"uri": f"file:/dev/fdset/{fdset}"}, timeout=self._qmp_timeout
-        )
-        poll = POLL_FIRST
-        while True:
-            info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
-            if not isinstance(info, dict):
-                raise QMPError(f"{w.name}: query-migrate: unexpected reply")
-            status = info.get("status", "none")
-            ram = info.get("ram", {})
-            ram = ram if isinstance(ram, dict) else {}
-            if status == "completed":
-                await statefile.remove_fdset(conn, fdset, self._qmp_timeout)
-                break
-            if status in ("failed", "cancelled"):
-                raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
-            self.progress(
-                w.name,
-                "saving",
-                _int(ram.get("transferred")),
-                _int(ram.get("total")) or w.plan.bytes_to_write,
-            )
-            # An in-place save takes QEMU a few ms: look again soon, then back off.
-            await asyncio.sleep(poll)
-            poll = min(poll * 2, POLL)
+        try:
+            await self._run_migration(journal, w, conn, fdset)
+        finally:
+            # QEMU closes the descriptors it holds in the fdset (a failed or cancelled
+            # save would otherwise keep the state file open, and its space taken, for as
+            # long as the QEMU runs).  Bounded: a stopped QEMU must not hold up a rollback.
+            await statefile.remove_fdset(conn, fdset, 2)
         size = mf.fsync_file(path)
         mf.fsync_dir(path.parent)
         w.record = journal.step(w.name, Step.SAVED, state_size=size)
-        w.timings["save"] = time.monotonic() - start
+        w.timings["save"] = time.monotonic() - w.timings["start"]
         self.progress(w.name, "saved", size, size)
         emit(
             logger,
@@ -463,6 +442,38 @@ class Saver:
             phase="preparing",
             manifest=self.manifest_path,
         )
+
+    async def _run_migration(
+        self, journal: Journal, w: _Work, conn: QMPConnection, fdset: int
+    ) -> None:
+        """migrate to the fdset and follow it until it completes; QMPError if it fails."""
+        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+        journal.step(w.name, Step.MIGRATING)
+        w.timings["start"] = time.monotonic()
+        await conn.execute(
+            "migrate", {"uri": f"file:/dev/fdset/{fdset}"}, timeout=self._qmp_timeout
+        )
+        poll = POLL_FIRST
+        while True:
+            info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
+            if not isinstance(info, dict):
+                raise QMPError(f"{w.name}: query-migrate: unexpected reply")
+            status = info.get("status", "none")
+            ram = info.get("ram", {})
+            ram = ram if isinstance(ram, dict) else {}
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            self.progress(
+                w.name,
+                "saving",
+                _int(ram.get("transferred")),
+                _int(ram.get("total")) or w.plan.bytes_to_write,
+            )
+            # An in-place save takes QEMU a few ms: look again soon, then back off.
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, POLL)
 
     # --- settling: rollback, resume, commit ---------------------------------------------
 

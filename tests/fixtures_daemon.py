@@ -76,7 +76,7 @@ def stop_daemon(d: Daemon) -> None:
     if d.proc.poll() is None:
         d.proc.send_signal(signal.SIGTERM)
     # SIGTERM exits cleanly, leaving the VMs as they are.
-    assert d.proc.wait(timeout=30) == 0, d.log.read_text()
+    assert (rc := d.proc.wait(timeout=30)) == 0, f"exit {rc}: {d.log.read_text()}"
 
 
 @pytest.fixture

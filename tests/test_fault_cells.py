@@ -22,7 +22,8 @@ from cprd.restore import relaunch_argv
 from cprd.save import Saver
 from cprd.steps import Action, Facts, Intent, Qemu, Seen, Step, decide
 
-pytestmark = pytest.mark.qemu
+# Fault-style: run by `make faults`, not `make check` (its 15-minute budget).
+pytestmark = [pytest.mark.qemu, pytest.mark.faults]
 
 
 async def test_interrupted_between_suspend_and_s3_is_woken(

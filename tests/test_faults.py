@@ -33,7 +33,8 @@ from cprd.manifest import Outcome, Phase
 from cprd.restore import Restorer, check_files
 from cprd.save import Saver
 
-pytestmark = pytest.mark.qemu
+# Fault-style: run by `make faults`, not `make check` (its 15-minute budget).
+pytestmark = [pytest.mark.qemu, pytest.mark.faults]
 
 MIB = 2**20
 

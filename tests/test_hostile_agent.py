@@ -30,7 +30,8 @@ from cprd import manifest as mf
 from cprd.agent import MAX_DEPTH, MAX_LINE
 from cprd.manifest import Phase
 
-pytestmark = pytest.mark.qemu
+# Fault-style: run by `make faults`, not `make check` (its 15-minute budget).
+pytestmark = [pytest.mark.qemu, pytest.mark.faults]
 
 AGENT_TIMEOUT = 5  # what save.py gives the agent for the suspend
 
