@@ -439,7 +439,10 @@ class Run:
         if problems:
             return "FAIL", "; ".join(problems)
         if lost:
-            return "lost", f"{', '.join(lost)} killed by the fault, reported lost by cprd"
+            when = (
+                "after cprd had it running again" if cell.step in BACK else "reported lost by cprd"
+            )
+            return "lost", f"{', '.join(lost)} killed by the fault, {when}"
         return "ok", ""
 
     def note_history(self) -> None:
