@@ -42,6 +42,14 @@ class Daemon:
             **kw,
         )
 
+    def wait_answering(self, timeout: float = 20) -> None:
+        """Wait until the daemon answers `cprdctl status` (it owns its bus name)."""
+        deadline = time.monotonic() + timeout
+        while self.ctl("status", "--json").returncode != 0:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
     def wait_state(self, state: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -83,11 +91,7 @@ def stop_daemon(d: Daemon) -> None:
 def daemon(dbus_daemon: BusDaemon, vm_dir_root: Path, journald: Journald) -> Iterator[Daemon]:
     d = start_daemon(dbus_daemon, vm_dir_root)
     try:
-        deadline = time.monotonic() + 20
-        while d.ctl("status", "--json").returncode != 0:
-            assert d.proc.poll() is None, d.log.read_text()
-            assert time.monotonic() < deadline, d.log.read_text()
-            time.sleep(0.2)
+        d.wait_answering()
         yield d
     finally:
         stop_daemon(d)

@@ -134,11 +134,7 @@ def s3_daemon(dbus_daemon: BusDaemon, vm_dir_root: Path) -> Iterator[Daemon]:
         dbus_daemon, vm_dir_root, {"CPRD_LOG": "stderr"}, "vms: {s3: {suspend: always}}\n"
     )
     try:
-        deadline = time.monotonic() + 20
-        while d.ctl("status", "--json").returncode != 0:
-            assert d.proc.poll() is None, d.log.read_text()
-            assert time.monotonic() < deadline, d.log.read_text()
-            time.sleep(0.2)
+        d.wait_answering()
         yield d
     finally:
         stop_daemon(d)
