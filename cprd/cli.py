@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -129,11 +130,26 @@ async def _restore(config: cfg.Config, manifest: Path | None, ignore_disks: list
     from cprd.manifest import Outcome
     from cprd.restore import Restorer
 
-    result = await Restorer(config, manifest, ignore_disk_changes=ignore_disks).run()
+    began = time.monotonic()
+    try:
+        result = await Restorer(config, manifest, ignore_disk_changes=ignore_disks).run()
+    except CprdError:
+        _metrics(config, "restore", began, False, manifest)
+        raise
+    _metrics(config, "restore", began, True, manifest)
     failed = [v for v in result.vms if v.outcome is not Outcome.RESTORED]
     for v in result.vms:
         print(f"{v.name}: {v.outcome.value}: {v.reason}")
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _metrics(
+    config: cfg.Config, operation: str, began: float, ok: bool, manifest: Path | None = None
+) -> None:
+    from cprd import metrics
+
+    path = manifest if manifest is not None else config.manifest_path
+    metrics.record(config.metrics.textfile, path, operation, ok, time.monotonic() - began)
 
 
 async def _with_saver(config: cfg.Config, work: Callable[[Any], Awaitable[int]]) -> int:
@@ -159,17 +175,39 @@ async def _local(config: cfg.Config, command: str, commit: bool) -> int:
                 if what not in named:
                     print(f"{what}: {why}")
             return EXIT_FAILED if problems else EXIT_OK
+        began = time.monotonic()
         if command == "prepare":
-            manifest = await saver.prepare()
-            if commit:
-                manifest = await saver.commit()
+            try:
+                manifest = await saver.prepare()
+                if commit:
+                    manifest = await saver.commit()
+            except CprdError:
+                _metrics(config, "prepare", began, False)
+                raise
+            _metrics(config, "prepare", began, True)
             print(json.dumps({"manifest": str(saver.manifest_path), "phase": manifest.phase.value}))
             return EXIT_OK
         if command == "commit":
-            await saver.commit()
+            try:
+                await saver.commit()
+            except CprdError:
+                _metrics(config, "commit", began, False)
+                raise
+            _metrics(config, "commit", began, True)
             return EXIT_OK
         if command == "resume":
-            for name, outcome in sorted((await saver.resume()).items()):
+            from cprd import metrics
+
+            outcomes = await saver.resume()
+            metrics.record(
+                config.metrics.textfile,
+                config.manifest_path,
+                "resume",
+                True,
+                time.monotonic() - began,
+                metrics.outcome_figures(outcomes),
+            )
+            for name, outcome in sorted(outcomes.items()):
                 print(f"{name}: {outcome}")
             return EXIT_OK
         raise StateError(f"unknown command {command}")

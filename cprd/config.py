@@ -226,6 +226,16 @@ class RestoreSettings:
     )
 
 
+@dataclass(frozen=True)
+class MetricsSettings:
+    textfile: Path | None = setting(
+        None,
+        _opt_abspath,
+        "metrics file for node_exporter's textfile collector, replaced after each "
+        "operation (e.g. /var/lib/prometheus/node-exporter/cprd.prom); off when unset",
+    )
+
+
 def _bool(value: object, path: str) -> bool:
     if not isinstance(value, bool):
         raise ConfigError(f"{path}: expected true or false, got {_describe(value)}")
@@ -246,6 +256,7 @@ class Config:
     )
     save: SaveSettings = section(SaveSettings, "how VMs are saved")
     restore: RestoreSettings = section(RestoreSettings, "how VMs are restored")
+    metrics: MetricsSettings = section(MetricsSettings, "figures for dashboards")
 
     @property
     def manifest_path(self) -> Path:

@@ -13,12 +13,16 @@ import contextlib
 import enum
 import logging
 import os
+import shutil
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cprd import manifest as mf
+from cprd import metrics
+from cprd import predict as pr
 from cprd.config import Config
 from cprd.errors import CprdError, StateError
 from cprd.inventory import Inventory, VMHandle
@@ -139,7 +143,31 @@ def vm_document(facts: VMFacts | None, rec: VMRecord | None) -> dict[str, Any]:
     return doc
 
 
+def prediction_document(
+    p: pr.Prediction, host: Mapping[str, Any], bandwidth: pr.Bandwidth | None
+) -> dict[str, Any]:
+    """A check result's ``prediction`` (pure): this VM's, the host's, and the bandwidth
+    they come from.  Times are 0 and ``measured`` false while state_dir was never
+    measured (D-Bus has no null)."""
+    return {
+        "measured": bandwidth is not None,
+        "mode": p.mode.value,
+        "bytes": p.bytes_to_write,
+        "stopped_s": p.stopped_s or 0.0,
+        "restore_s": p.restore_s or 0.0,
+        "host_vms": host["vms"],
+        "host_bytes": host["bytes"],
+        "host_stopped_s": host["stopped_s"] or 0.0,
+        "host_restore_s": host["restore_s"] or 0.0,
+        "write_bps": bandwidth.write_bps if bandwidth else 0.0,
+        "read_bps": bandwidth.read_bps if bandwidth else 0.0,
+        "measured_at": bandwidth.measured_at if bandwidth else "",
+    }
+
+
 Listener = Callable[..., None]
+#: Deadline of a bandwidth measurement (a few hundred MiB written and read).
+MEASURE_TIMEOUT = 300.0
 
 
 class Controller:
@@ -285,6 +313,16 @@ class Controller:
             await self.inventory.scan()  # the VMs to check are those held after it
         only = {h.name for h in self.inventory.vms()} - saved if saved else None
         plans, problems = await self.saver.plan(only)
+        bandwidth = pr.load(self.config.state_dir)
+        predictions = {
+            plan.name: pr.predict(
+                plan.bytes_to_write,
+                pr.SaveMode.IN_PLACE if plan.in_place else pr.SaveMode.STOP_FIRST,
+                bandwidth,
+            )
+            for _, plan in plans
+        }
+        host = pr.host_total(predictions.values(), bandwidth)
         upgrade = {
             h.name: (ok, why)
             for h, _, ok, why in await self.upgrader.paths(None, None, probe=False)
@@ -308,6 +346,7 @@ class Controller:
                     "runstate": handle.facts.runstate,
                     "qemu_upgrade": "cpr-transfer" if ok else "file",
                     "qemu_upgrade_why": why,
+                    "prediction": prediction_document(predictions[plan.name], host, bandwidth),
                 }
             )
         for path, why in sorted(self.inventory.refused().items()):
@@ -315,6 +354,35 @@ class Controller:
         if "state_dir" in problems:
             out.append({"name": "state_dir", "ok": False, "problems": [problems["state_dir"]]})
         return out
+
+    async def measure_bandwidth(self) -> dict[str, Any]:
+        """Measure state_dir's write and read bandwidth and cache it for Check (root only:
+        it writes a few hundred MiB).  Refused while an operation runs."""
+        async with self._running(set(State), "measure state_dir"):
+            state_dir = self.config.state_dir
+            mf.ensure_state_dir(state_dir)
+            margin = self.config.save.space_margin_mib * 2**20
+            free = shutil.disk_usage(state_dir).free
+            if free < pr.PROBE_BYTES + margin:
+                raise pr.MeasureError(
+                    f"not enough space in state_dir to measure it: {free // 2**20} MiB free",
+                    f"it writes {pr.PROBE_BYTES // 2**20} MiB, beyond save.space_margin_mib",
+                )
+            try:
+                bandwidth = await asyncio.wait_for(
+                    asyncio.to_thread(pr.measure, state_dir), MEASURE_TIMEOUT
+                )
+            except TimeoutError:
+                raise pr.MeasureError(
+                    f"measuring state_dir took longer than {MEASURE_TIMEOUT:.0f} s"
+                ) from None
+            pr.store(state_dir, bandwidth)
+        logger.info(
+            "state_dir bandwidth: write %.0f MiB/s, read %.0f MiB/s",
+            bandwidth.write_bps / 2**20,
+            bandwidth.read_bps / 2**20,
+        )
+        return bandwidth.to_dict()
 
     def manifest_text(self) -> str:
         manifest = mf.read(self.manifest_path)
@@ -358,20 +426,24 @@ class Controller:
             return await self.kexec_anyway(options.shutdown)
         async with self._running({State.IDLE}, "prepare"):
             self._set(State.PREPARING)
+            began, ok = time.monotonic(), False
             try:
                 await self.saver.prepare(shutdown=options.shutdown)
                 if options.commit:
                     self._set(State.COMMITTING)
                     await self.saver.commit()
+                ok = True
             finally:
                 self._sync_state()
                 await self._resync()
+                self._metrics("prepare", began, ok)
         return str(self.manifest_path)
 
     async def kexec_anyway(self, shutdown: tuple[str, ...] = ()) -> str:
         """The kexec goes ahead whatever happens: save what can be saved, shut down the
         rest, commit.  Waits for an operation in flight instead of refusing."""
         async with self._running(None, "kexec"):
+            began, ok = time.monotonic(), False
             try:
                 if self._manifest_phase() is Phase.PREPARING:
                     await self.saver.resume()  # VMs kept by an earlier failure: back first
@@ -383,30 +455,40 @@ class Controller:
                 if phase is Phase.PREPARED:
                     self._set(State.COMMITTING)
                     await self.saver.commit(anyway=True)
+                ok = True
             finally:
                 self._sync_state()
                 await self._resync()
+                self._metrics("kexec", began, ok)
         return str(self.manifest_path)
 
     async def commit(self) -> None:
         """Quit the saved QEMUs; if that fails, every VM is put back (SaveError)."""
         async with self._running({State.PREPARED}, "commit"):
             self._set(State.COMMITTING)
+            began, ok = time.monotonic(), False
             try:
                 await self.saver.commit()
+                ok = True
             finally:
                 self._sync_state()
                 await self._resync()
+                self._metrics("commit", began, ok)
 
     async def resume(self) -> dict[str, str]:
         """Every VM back as it ran: after a prepare, or a commit interrupted on this boot."""
         async with self._running({State.PREPARED, State.COMMITTED}, "resume"):
             self._set(State.RESUMING)
+            began, outcomes = time.monotonic(), None
             try:
-                return await self.saver.resume()
+                outcomes = await self.saver.resume()
+                return outcomes
             finally:
                 self._sync_state()
                 await self._resync()
+                # The manifest is gone once every VM runs: the outcomes say how each came back.
+                figures = metrics.outcome_figures(outcomes or {})
+                self._metrics("resume", began, outcomes is not None, figures)
 
     async def restore(self) -> dict[str, str]:
         """Restore a committed manifest (e.g. after a QEMU-only update, without a reboot)."""
@@ -414,23 +496,49 @@ class Controller:
             manifest = mf.read(self.manifest_path)
             sockets = {Path(r.qmp_socket) for r in manifest.vms}
             self.inventory.exclude |= sockets
+            began, ok = time.monotonic(), False
             try:
                 result = await Restorer(self.config, self.manifest_path, self.launcher).run()
+                ok = True
             finally:
                 self.inventory.exclude -= sockets
                 self._sync_state()
                 await self._resync()
+                self._metrics("restore", began, ok)
             return {r.name: f"{r.outcome.value}: {r.reason}" for r in result.vms}
 
     async def upgrade(self, names: list[str], binary: str | None) -> dict[str, str]:
         """Move VMs to a new QEMU process without a reboot (cpr-transfer where possible)."""
         async with self._running({State.IDLE}, "upgrade QEMU"):
             self._set(State.UPGRADING)
+            began, outcomes = time.monotonic(), None
             try:
-                return await self.upgrader.upgrade(names or None, binary)
+                outcomes = await self.upgrader.upgrade(names or None, binary)
+                return outcomes
             finally:
                 self._sync_state()
                 await self._resync()
+                figures = metrics.outcome_figures(outcomes or {}, self.upgrader.blackout)
+                self._metrics("upgrade", began, outcomes is not None, figures)
+
+    def _metrics(
+        self,
+        operation: str,
+        began: float,
+        ok: bool,
+        vms: tuple[metrics.VMFigures, ...] | None = None,
+    ) -> None:
+        if vms is None and not ok and not self._records():
+            # A failed all-or-nothing save removed its manifest: none of them was saved.
+            vms = tuple(metrics.VMFigures(h.name, "not-saved", False) for h in self.vms())
+        metrics.record(
+            self.config.metrics.textfile,
+            self.manifest_path,
+            operation,
+            ok,
+            time.monotonic() - began,
+            vms,
+        )
 
     # --- hooks ----------------------------------------------------------------------------
 

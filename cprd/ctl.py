@@ -1,6 +1,6 @@
 """``cprdctl``: the operator's client of the cprd daemon on D-Bus.
 
-    cprdctl [--bus ADDRESS] status|check [--json]
+    cprdctl [--bus ADDRESS] status [--json] | check [--json] [--measure]
     cprdctl [--bus ADDRESS] manifest [--json|--yaml]
     cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume | restore
     cprdctl [--bus ADDRESS] upgrade-qemu [--binary PATH] [VM ...]
@@ -38,7 +38,9 @@ from cprd import __version__
 from cprd.config import safe_load
 from cprd.render import (
     VMProgress,
+    host_prediction,
     manifest_summary,
+    prediction_line,
     progress_line,
     save_summary,
     status_table,
@@ -236,7 +238,9 @@ async def status(client: Client, as_json: bool) -> int:
     return EXIT_OK
 
 
-async def check(client: Client, as_json: bool) -> int:
+async def check(client: Client, as_json: bool, measure: bool = False) -> int:
+    if measure:  # root only: it writes a few hundred MiB to state_dir
+        await client.call("MeasureBandwidth", timeout=LONG_CALL)
     results = plain((await client.call("Check", timeout=120))[0])
     if as_json:
         print(json.dumps({"schema_version": SCHEMA_VERSION, "check": results}))
@@ -248,6 +252,10 @@ async def check(client: Client, as_json: bool) -> int:
                 continue
             print(f"{r['name']}: {r['action']}: {what}")
             print(f"  QEMU-only upgrade: {r['qemu_upgrade']} ({r['qemu_upgrade_why']})")
+            print(f"  {prediction_line(r['prediction'])}")
+        host = host_prediction(results)
+        if host is not None:
+            print(host)
     return EXIT_OK if all(r["ok"] for r in results) else EXIT_FAILED
 
 
@@ -367,11 +375,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cprdctl {__version__}")
     p.add_argument("--bus", help="D-Bus address (default: the system bus)")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (
-        ("status", "every VM and what a kexec would do to it"),
-        ("check", "preflight; changes nothing"),
-    ):
-        sub.add_parser(name, help=text).add_argument("--json", action="store_true")
+    sub.add_parser("status", help="every VM and what a kexec would do to it").add_argument(
+        "--json", action="store_true"
+    )
+    c = sub.add_parser("check", help="preflight and predicted times; changes nothing")
+    c.add_argument("--json", action="store_true")
+    c.add_argument(
+        "--measure",
+        action="store_true",
+        help="first measure state_dir's write and read bandwidth (root: writes 256 MiB)",
+    )
     m = sub.add_parser("manifest", help="the current manifest: a summary table")
     form = m.add_mutually_exclusive_group()
     form.add_argument("--json", action="store_const", dest="form", const="json")
@@ -409,7 +422,7 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "status":
             return await status(client, args.json)
         if args.command == "check":
-            return await check(client, args.json)
+            return await check(client, args.json, args.measure)
         if args.command == "manifest":
             return await manifest(client, args.form or "table")
         if args.command == "prepare-kexec":

@@ -47,6 +47,42 @@ def agent_cell(vm: dict[str, Any], now: float) -> str:
     return f"{'yes' if vm.get('agent_reachable') else 'no'} {ago(now - probed)}"
 
 
+# --- predictions (check) --------------------------------------------------------------------
+
+NOT_MEASURED = "not measured; run `cprdctl check --measure` as root"
+
+
+def seconds(s: float) -> str:
+    return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
+
+
+def prediction_line(p: dict[str, Any]) -> str:
+    """One VM's predicted save and restore (pure), from a check result's ``prediction``."""
+    head = f"predicted ({p['mode']}): write {size(int(p['bytes']))}"
+    if not p["measured"]:
+        return f"{head}; times {NOT_MEASURED}"
+    return (
+        f"{head}, stopped {seconds(float(p['stopped_s']))}, "
+        f"restore {seconds(float(p['restore_s']))}"
+    )
+
+
+def host_prediction(results: list[dict[str, Any]]) -> str | None:
+    """The host's predicted totals and the bandwidth behind them (pure); None without VMs."""
+    p = next((r["prediction"] for r in results if "prediction" in r), None)
+    if p is None:
+        return None
+    head = f"host ({p['host_vms']} VMs): write {size(int(p['host_bytes']))}"
+    if not p["measured"]:
+        return f"{head}; times {NOT_MEASURED}"
+    return (
+        f"{head}, longest stop {seconds(float(p['host_stopped_s']))}, "
+        f"restore all {seconds(float(p['host_restore_s']))} "
+        f"(state_dir measured {p['measured_at']}: write {mib(int(p['write_bps']))}/s, "
+        f"read {mib(int(p['read_bps']))}/s)"
+    )
+
+
 # --- progress -------------------------------------------------------------------------------
 
 #: Phases during which a VM is stopped (or asleep) because of cprd, until it is saved.

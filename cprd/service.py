@@ -162,6 +162,13 @@ class Manager(ServiceInterface):
         return vardict(await dbus_errors(run()))
 
     @dbus_method()
+    async def MeasureBandwidth(self) -> VarDict:
+        """Measure state_dir's bandwidth for Check's predictions.  Root only: the bus
+        policy allows group cprd no such call, and BusGlue answers it after checking the
+        caller's uid (this body runs only without BusGlue, as in tests of the object)."""
+        return vardict(await dbus_errors(self.controller.measure_bandwidth()))
+
+    @dbus_method()
     async def GetManifest(self) -> DBusStr:
         """The manifest, secrets redacted (BusGlue answers root's calls unredacted)."""
 
@@ -396,6 +403,33 @@ class BusGlue:
             return
         self.bus.send(Message.new_method_return(msg, "s", [text]))
 
+    # --- MeasureBandwidth: root only ---------------------------------------------------------
+
+    async def _measure(self, msg: Message) -> None:
+        """Answer MeasureBandwidth for uid 0 only: it writes a few hundred MiB to state_dir
+        (the bus policy already refuses everyone else; this is the second lock)."""
+        try:
+            try:
+                reply = await self._driver("GetConnectionUnixUser", "s", [msg.sender])
+                uid = int(reply.body[0])
+            except (CprdError, TimeoutError):
+                uid = -1
+            if uid != 0:
+                logger.warning("refused MeasureBandwidth from uid %d: only root may", uid)
+                self.bus.send(
+                    Message.new_error(
+                        msg,
+                        "org.freedesktop.DBus.Error.AccessDenied",
+                        "MeasureBandwidth writes to state_dir: only root may call it",
+                    )
+                )
+                return
+            result = vardict(await self.manager.controller.measure_bandwidth())
+        except CprdError as err:
+            self.bus.send(Message.new_error(msg, ERROR_PREFIX + err.dbus_name, err.message))
+            return
+        self.bus.send(Message.new_method_return(msg, "a{sv}", [result]))
+
     # --- the broadcast signal -----------------------------------------------------------------
 
     async def _on_broadcast(self, sender: str, options: Mapping[str, Any]) -> None:
@@ -419,6 +453,16 @@ class BusGlue:
             and msg.sender
         ):
             self._spawn(self._get_manifest(msg))
+            return True
+        if (
+            msg.message_type == MessageType.METHOD_CALL
+            and msg.interface == IFACE
+            and msg.member == "MeasureBandwidth"
+            and msg.path == PATH
+            and msg.signature == ""
+            and msg.sender
+        ):
+            self._spawn(self._measure(msg))
             return True
         if msg.message_type != MessageType.SIGNAL:
             return False

@@ -18,7 +18,8 @@ BACKPORTS=/etc/apt/sources.list.d/cprd-bookworm-backports.sources
 PKGS=(busybox-static cpio dbus libsystemd-dev pkg-config kexec-tools gcc make
       python3-venv python3-dev systemd iproute2 util-linux e2fsprogs
       build-essential dpkg-dev debhelper python3-pip lintian man-db groff-base
-      python3-yaml python3-systemd debootstrap tmux)
+      python3-yaml python3-systemd debootstrap tmux
+      python3-prometheus-client)  # tests: parse the metrics file (also in the venv's dev deps)
 # libvirt only for the test that a libvirt-run QEMU is refused naming libvirt (issue 13).
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-driver-qemu libvirt-clients)
 

@@ -434,6 +434,7 @@ async def test_cprd_member_may_only_read(
         # UnknownMethod from it, not AccessDenied from the bus.
         call("Restore"),
         call("UpgradeQemu"),
+        call("MeasureBandwidth"),  # writes to state_dir: root only
         call("Set", PROPS, "ssv", IFACE, "Version", {"variant": ["s", "x"]}),
     ]
     member = identities["member"]

@@ -68,7 +68,7 @@ ERRORS = [
     ("manifest: ''", "manifest: expected an absolute path, got ''"),
     (
         "frobnicate: 1",
-        "frobnicate: unknown key (known keys: state_dir, manifest, discovery, vms, save, restore)",
+        "frobnicate: unknown key (known keys: state_dir, manifest, discovery, vms, save, restore, metrics)",
     ),
     (
         "discovery: {qmp_sockets: /run/*.sock}",
