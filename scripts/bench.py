@@ -11,9 +11,18 @@ run (this machine is shared and noisy, so only ratios carry over):
    two saves are committed and restored by cprd from a cold page cache ("launching" to
    "restored"), each vs a cold `dd iflag=direct` read of the same state file. Repeated
    figures are compared best against best (interference on a shared machine only adds).
+   Before the first save state_dir's bandwidth is measured as `cprdctl check --measure`
+   does, and `cprdctl check`'s prediction (stopped time, restore time) is printed beside
+   what was measured. The stopped time runs from QEMU's STOP event (its own timestamp) to
+   the end of Saver.prepare (state file and manifest fsynced).
+1b. The peer, when libvirt is installed: the same guest (kernel, RAM, fill) run by a
+   private libvirtd (scripts/bench_libvirt.py), saved with `virsh save --image-format
+   sparse --bypass-cache --parallel-channels 4` (+ sync) and restored from a cold cache
+   with `virsh restore --bypass-cache --parallel-channels 4`; ratios to cprd's best.
 2. RAM in place: a 512 MiB guest on memory-backend-file,share=on on disk. Blackout (from
-   "saving", when the VM stops, to the manifest written at the end of Saver.prepare) vs
-   QEMU's own migration time (query-migrate total-time): the difference is cprd's overhead.
+   QEMU's STOP event to the state and the manifest fsynced at the end of Saver.prepare)
+   vs QEMU's own migration time (query-migrate total-time): the difference is cprd's
+   overhead.
 3. Parallel: the whole Saver.prepare for 1, 2, 4 and 8 small guests (128 MiB, no fill),
    as a ratio to one guest.
 
@@ -23,6 +32,7 @@ Run as root (drop_caches, QEMU): `make bench` or `.venv/bin/python scripts/bench
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -41,11 +51,14 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_libvirt
 from harness import QEMU, GuestSpec, GuestVM, Memory, guest_image, start_guests
-from qemu.qmp import QMPClient
+from qemu.qmp import EventListener, QMPClient
 
 from cprd import config, log
+from cprd import predict as pr
 from cprd.config import Config
 from cprd.inventory import Inventory
 from cprd.manifest import Manifest, Outcome
@@ -270,6 +283,53 @@ async def timed_prepare(cfg: Config, inventory: Inventory) -> tuple[Manifest, Cl
     return manifest, clock, end - start, end
 
 
+class StopWatch:
+    """QEMU's STOP event on the VM's test-qmp socket (its own timestamp, wall clock), so a
+    stopped time runs from the VM's last instruction, not from cprd's progress callback.
+    Holds that socket while open: close it before another QMP call on it."""
+
+    def __init__(self, path: Path) -> None:
+        self.qmp = QMP(path)
+        self.listener = EventListener(("STOP",))
+
+    async def __aenter__(self) -> StopWatch:
+        await self.qmp.__aenter__()
+        self.qmp.client.register_listener(self.listener)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.qmp.client.remove_listener(self.listener)
+        await self.qmp.__aexit__()
+
+    async def stopped_at(self) -> float:
+        """Wall-clock time of the first STOP event since the watch began."""
+        event = await asyncio.wait_for(self.listener.get(), QMP_TIMEOUT)
+        ts: Any = event["timestamp"]
+        return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+
+
+async def watched_prepare(
+    cfg: Config, inventory: Inventory, vm: GuestVM
+) -> tuple[Manifest, Clock, float, float]:
+    """timed_prepare, plus the stopped time: from QEMU's STOP event to the end of
+    Saver.prepare (state file and manifest fsynced), both on the wall clock."""
+    async with StopWatch(vm.test_qmp_path) as watch:
+        manifest, clock, prepare_s, _ = await timed_prepare(cfg, inventory)
+        done = time.time()
+        stopped = done - await watch.stopped_at()
+    return manifest, clock, prepare_s, stopped
+
+
+async def predicted(cfg: Config, inventory: Inventory, bw: pr.Bandwidth) -> dict[str, Any]:
+    """What `cprdctl check` predicts for the (one) VM of cfg, from bandwidth bw."""
+    plans, _ = await Saver(cfg, inventory).plan()
+    (_, plan), *_ = plans
+    mode = pr.SaveMode.IN_PLACE if plan.in_place else pr.SaveMode.STOP_FIRST
+    p = pr.predict(plan.bytes_to_write, mode, bw)
+    return {"mode": mode.value, "bytes": p.bytes_to_write, "stopped_s": p.stopped_s,
+            "restore_s": p.restore_s}  # fmt: skip
+
+
 # --- the cases --------------------------------------------------------------------------
 
 
@@ -332,18 +392,29 @@ async def case_copied(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) 
     say(f"  ready after {vm.ready_seconds:.1f} s (boot + fill)")
     params, caps = await migration_defaults(vm.test_qmp_path)
     cfg = make_config(root, "copied", [vm], keep_state_files=True)
+    state_dir = cfg.state_dir
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    bw = pr.measure(state_dir)
+    r["bandwidth"] = bw.to_dict()
+    say(
+        f"  state_dir measured (cprdctl check --measure): write {bw.write_bps / 2**20:.0f}, "
+        f"read {bw.read_bps / 2**20:.0f} MiB/s"
+    )
     saves: list[dict[str, Any]] = []
     restores: list[dict[str, Any]] = []
     for n in range(1, COPIED_ROUNDS + 1):
         inventory = Inventory(cfg)
         try:
+            if n == 1:
+                r["predicted"] = await predicted(cfg, inventory, bw)
             say(f"  round {n}: cprd save (mapped-ram + multifd + direct-io, unlimited)")
-            manifest, clock, _, _ = await timed_prepare(cfg, inventory)
+            manifest, clock, _, stopped = await watched_prepare(cfg, inventory, vm)
             rec = manifest.vms[0]
             state = Path(rec.state_file)
             info = await qmp_once(vm.test_qmp_path, "query-migrate")
             s: dict[str, Any] = {
                 "seconds": clock.span("big", "saving", "saved"),
+                "stopped_s": stopped,
                 "qemu_total_ms": info.get("total-time"),
                 "allocated_bytes": allocated(state),
                 "apparent_bytes": rec.state_size,
@@ -381,6 +452,7 @@ async def case_copied(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) 
     r["state_allocated_bytes"] = saves[0]["allocated_bytes"]
     r["state_apparent_bytes"] = saves[0]["apparent_bytes"]
     r["cprd_save_s"] = save_s
+    r["cprd_stopped_s"] = min(s["stopped_s"] for s in saves)
     r["cprd_save_mib_s"] = max(s["mib_s"] for s in saves)
     r["dd_write_mib_s"] = max(s["dd_write_mib_s"] for s in saves)
     r["save_vs_dd"] = r["cprd_save_mib_s"] / r["dd_write_mib_s"]
@@ -391,6 +463,8 @@ async def case_copied(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) 
     r["dd_read_s"] = min(x["dd_read_s"] for x in restores)
     r["dd_read_mib_s"] = max(x["dd_read_mib_s"] for x in restores)
     r["restore_vs_dd_read"] = r["dd_read_s"] / r["cprd_restore_s"]
+    # Throughput over the bytes each actually reads (a sparse state file has holes).
+    r["restore_vs_cold_read_throughput"] = r["cprd_restore_mib_s"] / r["dd_read_mib_s"]
     r["counter_continued"] = all(x["counter_continued"] for x in restores)
     return r
 
@@ -428,6 +502,15 @@ async def qemu_driven_saves(
         say(f"    {d['allocated_bytes'] / 2**20:.0f} MiB in {d['seconds']:.2f} s")
 
 
+async def case_libvirt(root: Path, image: tuple[Path, Path]) -> dict[str, Any]:
+    why = bench_libvirt.available()
+    if why is not None:
+        say(f"case 1b: libvirt skipped: {why}")
+        return {"skipped": why}
+    say(f"case 1b: the same {BIG_MEM_MIB} MiB guest ({BIG_FILL_MIB} MiB filled) under libvirt")
+    return await bench_libvirt.run(root, image, BIG_MEM_MIB, BIG_FILL_MIB, say)
+
+
 async def case_in_place(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) -> dict[str, Any]:
     say(f"case 2: booting a {INPLACE_MEM_MIB} MiB guest on memory-backend-file,share=on")
     spec = GuestSpec("inplace", memory=Memory.FILE, mem_mib=INPLACE_MEM_MIB)
@@ -438,9 +521,8 @@ async def case_in_place(root: Path, image: tuple[Path, Path], vms: list[GuestVM]
     reps: list[dict[str, Any]] = []
     try:
         for n in range(INPLACE_REPS):
-            manifest, clock, prepare_s, end = await timed_prepare(cfg, inventory)
+            manifest, _, prepare_s, blackout = await watched_prepare(cfg, inventory, vm)
             info = await qmp_once(vm.test_qmp_path, "query-migrate")
-            blackout = end - clock.t[("inplace", "saving")]
             qemu_s = info["total-time"] / 1000
             reps.append(
                 {
@@ -587,7 +669,7 @@ def case1_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
     ups = [x["qemu_up_s"] for x in restores if x["qemu_up_s"] is not None]
     up = f"; QEMU up after {secs(ups)}" if ups else ""
     d, b = c["defaults"], c["no_direct_io"]
-    return [
+    rows = [
         ("1 copied", "guest RAM / random fill", f"{c['mem_mib']} / {c['fill_mib']} MiB"),
         ("", "boot + fill (TCG)", f"{c['boot_and_fill_s']:.1f} s"),
         (
@@ -642,8 +724,71 @@ def case1_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
             f"{c['dd_read_mib_s']:.0f} MiB/s (apparent size)",
         ),
         ("", "RATIO dd read / cprd restore time", f"{c['restore_vs_dd_read']:.2f}  (best vs best)"),
+        (
+            "",
+            "RATIO restore / cold read throughput",
+            f"{c['restore_vs_cold_read_throughput']:.2f}  (bytes each reads; best vs best)",
+        ),
         ("", "guest counter went on after restores", str(c["counter_continued"])),
     ]
+    p, bw = c.get("predicted"), c.get("bandwidth")
+    if p and bw:
+        rows += [
+            (
+                "",
+                "state_dir measured (check --measure)",
+                f"write {bw['write_bps'] / 2**20:.0f} MiB/s, read {bw['read_bps'] / 2**20:.0f} "
+                "MiB/s",
+            ),
+            (
+                "",
+                f"stopped: predicted / measured ({p['mode']})",
+                f"{p['stopped_s']:.2f} s / {c['cprd_stopped_s']:.2f} s  (STOP event to state + "
+                f"manifest fsynced; predicted for {p['bytes'] / 2**20:.0f} MiB planned)",
+            ),
+            (
+                "",
+                "restore: predicted / measured",
+                f"{p['restore_s']:.2f} s / {c['cprd_restore_s']:.2f} s",
+            ),
+        ]
+    return rows
+
+
+def libvirt_rows(c: dict[str, Any], lv: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if "skipped" in lv:
+        return [("1b libvirt", "skipped", lv["skipped"])]
+    rows = [
+        (
+            "1b libvirt",
+            f"libvirt {lv['version']}, same guest",
+            f"boot + fill {lv['boot_and_fill_s']:.1f} s; state "
+            f"{lv['allocated_bytes'] / 2**20:.0f} MiB on disk",
+        ),
+        (
+            "",
+            f"virsh save sparse/bypass-cache/{lv['channels']}ch",
+            f"{lv['save_s']:.2f} s (VM stopped throughout)",
+        ),
+        ("", "virsh restore, cold cache", f"{lv['restore_s']:.2f} s"),
+        ("", "guest counter went on", str(lv["counter_continued"])),
+    ]
+    if c:
+        rows += [
+            (
+                "",
+                "RATIO libvirt / cprd save time",
+                f"{lv['save_s'] / c['cprd_save_s']:.2f}x  (cprd best "
+                f"{c['cprd_save_s']:.2f} s; stopped {c['cprd_stopped_s']:.2f} s)",
+            ),
+            (
+                "",
+                "RATIO libvirt / cprd restore time",
+                f"{lv['restore_s'] / c['cprd_restore_s']:.2f}x  (cprd best "
+                f"{c['cprd_restore_s']:.2f} s)",
+            ),
+        ]
+    return rows
 
 
 def table(results: dict[str, Any]) -> list[str]:
@@ -651,6 +796,9 @@ def table(results: dict[str, Any]) -> list[str]:
     c = results.get("copied")
     if c:
         rows += case1_rows(c)
+    lv = results.get("libvirt")
+    if lv:
+        rows += libvirt_rows(c or {}, lv)
     p = results.get("in_place")
     if p:
         rows += [
@@ -661,7 +809,7 @@ def table(results: dict[str, Any]) -> list[str]:
             ),
             (
                 "",
-                f"blackout, median of {len(p['reps'])}",
+                f"blackout (STOP to fsynced), median of {len(p['reps'])}",
                 f"{p['blackout_s'] * 1000:.0f} ms  (all: "
                 + ", ".join(f"{x['blackout_s'] * 1000:.0f}" for x in p["reps"])
                 + f" ms; whole prepare {p['prepare_s'] * 1000:.0f} ms)",
@@ -719,13 +867,24 @@ def rounded(obj: Any) -> Any:
     return obj
 
 
-async def run_all(root: Path, image: tuple[Path, Path], results: dict[str, Any]) -> None:
+CASES = ("copied", "libvirt", "in_place", "parallel", "upgrade")
+
+
+async def run_all(
+    root: Path, image: tuple[Path, Path], results: dict[str, Any], only: set[str]
+) -> None:
     vms: list[GuestVM] = []
     try:
-        results["copied"] = await case_copied(root, image, vms)
-        results["in_place"] = await case_in_place(root, image, vms)
-        results["parallel"] = await case_parallel(root, image, vms)
-        results["upgrade"] = await case_upgrade(root, image, vms)
+        if "copied" in only:
+            results["copied"] = await case_copied(root, image, vms)
+        if "libvirt" in only:
+            results["libvirt"] = await case_libvirt(root, image)
+        if "in_place" in only:
+            results["in_place"] = await case_in_place(root, image, vms)
+        if "parallel" in only:
+            results["parallel"] = await case_parallel(root, image, vms)
+        if "upgrade" in only:
+            results["upgrade"] = await case_upgrade(root, image, vms)
     finally:
         for vm in vms:
             with contextlib.suppress(Exception):
@@ -733,6 +892,15 @@ async def run_all(root: Path, image: tuple[Path, Path], results: dict[str, Any])
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description="cprd's benchmark (see the module docstring)")
+    parser.add_argument(
+        "--only",
+        default=",".join(CASES),
+        help=f"comma-separated cases to run (default: all of {','.join(CASES)})",
+    )
+    only = set(parser.parse_args().only.split(","))
+    if not only <= set(CASES):
+        parser.error(f"unknown case(s): {', '.join(sorted(only - set(CASES)))}")
     if os.geteuid() != 0:
         print("bench: run as root (QEMU, drop_caches)", file=sys.stderr)
         return 2
@@ -753,7 +921,7 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine}
     error = None
     try:
-        asyncio.run(run_all(root, image, results))
+        asyncio.run(run_all(root, image, results, only))
     except Exception as err:
         traceback.print_exc()
         error = f"{type(err).__name__}: {err}"
