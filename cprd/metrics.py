@@ -94,7 +94,7 @@ def span(history: Iterable[tuple[str, str]], starts: frozenset[str], end: str) -
             began, found = _time(at), None
         elif step == end and began is not None and found is None:
             t = _time(at)
-            found = None if t is None else max(0.0, t - began)
+            found = None if t is None else max(0.0, round(t - began, 3))  # ms in the history
         prev = step
     return found
 

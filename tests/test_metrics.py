@@ -13,6 +13,7 @@ import re
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures_bus import BusDaemon, CprdAccounts
@@ -24,6 +25,9 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as prometheus_families
 
 from cprd import metrics
+from cprd.manifest import Outcome, VMRecord
+from cprd.plan import MigrationSettings
+from cprd.steps import Step
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -87,6 +91,43 @@ def test_render_parses_as_prometheus_text_and_openmetrics() -> None:
     for name, _ in metrics.METRICS:
         assert f"`{name}`" in guide, name
     assert {n for n, _ in s} <= {n for n, _ in metrics.METRICS}
+
+
+def record(step: Step, **changes: Any) -> VMRecord:
+    rec = VMRecord(
+        name="web",
+        qmp_socket="/run/cprd/qmp/web.sock",
+        pid=42,
+        argv=("qemu-system-x86_64",),
+        executable="/usr/bin/qemu-system-x86_64",
+        qemu_version="10.0.2",
+        machine_type="pc-q35-10.0",
+        state_file="/var/lib/cprd/web.state",
+        settings=MigrationSettings({}, {}),
+        runstate_before="running",
+        cprd_suspended=False,
+        history=(
+            ("migrating", "2026-12-01T10:00:00.000+00:00"),
+            ("saved", "2026-12-01T10:00:00.600+00:00"),
+            ("restoring", "2026-12-01T10:05:00.000+00:00"),
+            ("restored", "2026-12-01T10:05:01.500+00:00"),
+        ),
+    )
+    return rec.replace(step=step, **changes)
+
+
+def test_vm_figures_from_the_manifest_record() -> None:
+    saved = metrics.vm_figures("prepare", record(Step.SAVED, state_size=1000))
+    assert saved == metrics.VMFigures("web", "saved", True, 1000, 0.6, 1.5)
+    assert metrics.vm_figures("commit", record(Step.SAVED)).ok is False
+    assert metrics.vm_figures("commit", record(Step.COMMITTED)).ok is True
+    asked = record(Step.SHUT_DOWN, shutdown_asked=True)
+    assert metrics.vm_figures("kexec", asked).ok is None  # neither saved nor failed
+    assert metrics.vm_figures("kexec", record(Step.SHUT_DOWN)).ok is False
+    failed = metrics.vm_figures("restore", record(Step.RESTORING, outcome=Outcome.FAILED))
+    assert (failed.outcome, failed.ok) == ("failed", False)
+    restored = metrics.vm_figures("restore", record(Step.RESTORED, outcome=Outcome.RESTORED))
+    assert (restored.outcome, restored.ok, restored.restore_s) == ("restored", True, 1.5)
 
 
 def test_figures_from_outcome_lines() -> None:
