@@ -68,7 +68,8 @@ ERRORS = [
     ("manifest: ''", "manifest: expected an absolute path, got ''"),
     (
         "frobnicate: 1",
-        "frobnicate: unknown key (known keys: state_dir, manifest, discovery, vms, save, restore, metrics)",
+        "frobnicate: unknown key (known keys: state_dir, manifest, discovery, vms, save, restore, "
+        "metrics)",
     ),
     (
         "discovery: {qmp_sockets: /run/*.sock}",
