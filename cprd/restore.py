@@ -357,7 +357,10 @@ class Restorer:
     async def _wait_incoming(self, rec: VMRecord, conn: QMPConnection) -> None:
         total = rec.state_size or 0
         while True:
-            info = await conn.execute("query-migrate")
+            # QEMU answers no command while it loads the file in its main loop (a cold
+            # 1.6 GB load took longer than the default 10 s on a loaded host): the per-VM
+            # restore deadline bounds this wait.
+            info = await conn.execute("query-migrate", timeout=self.config.restore.timeout_s)
             status = info.get("status", "none")
             if status == "completed":
                 self.progress(rec.name, "restored", total, total)

@@ -268,9 +268,6 @@ def make_config(root: Path, tag: str, vms: list[GuestVM], **restore: Any) -> Con
     sockets = ", ".join(f"'{vm.qmp_path}'" for vm in vms)
     path = root / f"cprd-{tag}.yaml"
     text = f"state_dir: {root}/state-{tag}\ndiscovery:\n  qmp_sockets: [{sockets}]\n"
-    # A QEMU loading a file migration answers no QMP command until it is done: on this
-    # shared machine a cold 1.6 GB load can outlast the default 10 s per command.
-    text += "save: {qmp_timeout_s: 60}\n"
     if restore:
         text += "restore: " + json.dumps(restore) + "\n"
     path.write_text(text)
