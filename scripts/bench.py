@@ -742,7 +742,7 @@ def case1_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
             ),
             (
                 "",
-                f"stopped: predicted / measured ({p['mode']})",
+                f"stopped, predicted/measured ({p['mode']})",
                 f"{p['stopped_s']:.2f} s / {c['cprd_stopped_s']:.2f} s  (STOP event to state + "
                 f"manifest fsynced; predicted for {p['bytes'] / 2**20:.0f} MiB planned)",
             ),
