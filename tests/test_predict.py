@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -10,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_bus import PROJECT_POLICY, CprdAccounts, run_dbus_daemon
+from fixtures_daemon import start_daemon, stop_daemon
+from test_bus import ACCESS_DENIED, Identity, call, run_client
 
 from cprd import predict as pr
 from cprd.controller import prediction_document
@@ -132,3 +136,44 @@ def test_measure_fails_with_one_line(disk_dir: Path) -> None:
         f"cannot measure state_dir {disk_dir}/missing: No such file or directory"
     )
     assert err.value.hint
+
+
+SITE_OVERRIDE = """<?xml version="1.0"?>
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy group="cprd">
+    <allow send_destination="org.cprd.Cprd1"
+           send_interface="org.cprd.Cprd1.Manager" send_member="MeasureBandwidth"/>
+  </policy>
+</busconfig>
+"""
+
+
+async def test_measure_is_root_only_even_when_the_bus_lets_a_member_through(
+    vm_dir_root: Path, cprd_accounts: CprdAccounts
+) -> None:
+    """The second lock: a site policy that (wrongly) lets group cprd call MeasureBandwidth
+    gets the call through the bus, and the real daemon refuses it by the caller's uid;
+    root's call measures and caches.  Real dbus-daemon (the project's policy plus that
+    override), real daemon, no VM."""
+    override = vm_dir_root / "zz-site-override.conf"
+    override.write_text(SITE_OVERRIDE)
+    member = Identity(
+        "cprd-test", cprd_accounts.member_uid, cprd_accounts.member_gid, cprd_accounts.member_groups
+    )
+    with run_dbus_daemon((PROJECT_POLICY, override)) as bus:
+        daemon = start_daemon(bus, vm_dir_root)
+        try:
+            await asyncio.to_thread(daemon.wait_answering)
+            (denied,) = await run_client(bus, member, [call("MeasureBandwidth")])
+            assert denied == {
+                "error": ACCESS_DENIED,
+                "text": "MeasureBandwidth writes to state_dir: only root may call it",
+            }
+            assert not (vm_dir_root / "state" / pr.CACHE_NAME).exists()
+            ok = await asyncio.to_thread(daemon.ctl, "check", "--measure")
+            assert ok.returncode == 0, ok.stderr + daemon.log.read_text()[-2000:]
+            assert pr.load(vm_dir_root / "state") is not None
+        finally:
+            stop_daemon(daemon)
