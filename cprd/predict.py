@@ -41,6 +41,13 @@ CHUNK = 4 * 2**20
 LIVE_DOWNTIME_S = 0.3
 #: Device state written while a VM whose RAM stays in place is stopped.
 IN_PLACE_BYTES = 2**20
+#: What a save costs beyond writing the bytes: the migration's start and end, fsyncs of
+#: the state file and the manifest (`make bench`, in place: 34-57 ms from the STOP event
+#: to the manifest fsynced, of which QEMU's own migration 4-18 ms).
+SAVE_OVERHEAD_S = 0.05
+#: What a restore costs beyond reading the bytes: starting QEMU up to its QMP socket
+#: (`make bench`: 0.23-0.36 s under TCG).
+RESTORE_OVERHEAD_S = 0.3
 
 
 class SaveMode(enum.Enum):
@@ -120,7 +127,8 @@ def predict(
 
     Stop-first: stopped while every byte is written, ``bytes / write bandwidth``.  Live:
     stopped for the last pass only, which QEMU bounds by ``downtime_limit_s`` (bytes are
-    all written, while it runs).  In place: only device state is written.  A restore
+    all written, while it runs).  In place: only device state is written.  Each adds
+    :data:`SAVE_OVERHEAD_S`.  A restore starts QEMU (:data:`RESTORE_OVERHEAD_S`) and
     reads what was written at the read bandwidth."""
     if mode is SaveMode.IN_PLACE:
         bytes_to_write = min(bytes_to_write, IN_PLACE_BYTES)
@@ -128,7 +136,8 @@ def predict(
         return Prediction(mode, bytes_to_write, None, None)
     write_s = bytes_to_write / bandwidth.write_bps
     stopped = min(write_s, downtime_limit_s) if mode is SaveMode.LIVE else write_s
-    return Prediction(mode, bytes_to_write, stopped, bytes_to_write / bandwidth.read_bps)
+    restore = RESTORE_OVERHEAD_S + bytes_to_write / bandwidth.read_bps
+    return Prediction(mode, bytes_to_write, SAVE_OVERHEAD_S + stopped, restore)
 
 
 def host_total(predictions: Iterable[Prediction], bandwidth: Bandwidth | None) -> dict[str, Any]:
@@ -140,12 +149,12 @@ def host_total(predictions: Iterable[Prediction], bandwidth: Bandwidth | None) -
     total = sum(p.bytes_to_write for p in preds)
     out: dict[str, Any] = {"vms": len(preds), "bytes": total, "stopped_s": None, "restore_s": None}
     if bandwidth is not None:
-        write_all = total / bandwidth.write_bps
+        write_all = SAVE_OVERHEAD_S + total / bandwidth.write_bps
         stopped = [
             write_all if p.mode is SaveMode.STOP_FIRST else (p.stopped_s or 0.0) for p in preds
         ]
         out["stopped_s"] = max(stopped, default=0.0)
-        out["restore_s"] = total / bandwidth.read_bps
+        out["restore_s"] = RESTORE_OVERHEAD_S + total / bandwidth.read_bps
     return out
 
 

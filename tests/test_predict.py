@@ -31,20 +31,21 @@ BW = pr.Bandwidth(
 
 def test_stop_first_is_stopped_while_every_byte_is_written() -> None:
     p = pr.predict(1500 * MIB, pr.SaveMode.STOP_FIRST, BW)
-    assert p == pr.Prediction(pr.SaveMode.STOP_FIRST, 1500 * MIB, 1.5, 0.75)
+    # plus SAVE_OVERHEAD_S (0.05) and RESTORE_OVERHEAD_S (0.3)
+    assert p == pr.Prediction(pr.SaveMode.STOP_FIRST, 1500 * MIB, 1.55, 1.05)
 
 
 def test_live_is_stopped_for_the_last_pass_only() -> None:
     p = pr.predict(1500 * MIB, pr.SaveMode.LIVE, BW, downtime_limit_s=0.3)
-    assert (p.bytes_to_write, p.stopped_s, p.restore_s) == (1500 * MIB, 0.3, 0.75)
+    assert (p.bytes_to_write, p.stopped_s, p.restore_s) == (1500 * MIB, 0.35, 1.05)
     # A VM smaller than one downtime-limit's worth is stopped for all of it, no more.
-    assert pr.predict(100 * MIB, pr.SaveMode.LIVE, BW, 0.3).stopped_s == 0.1
+    assert pr.predict(100 * MIB, pr.SaveMode.LIVE, BW, 0.3).stopped_s == pytest.approx(0.15)
 
 
 def test_in_place_writes_device_state_only() -> None:
     p = pr.predict(16 * MIB, pr.SaveMode.IN_PLACE, BW)
     assert p.bytes_to_write == pr.IN_PLACE_BYTES
-    assert p.stopped_s == pytest.approx(0.001)
+    assert p.stopped_s == pytest.approx(0.051)
 
 
 def test_without_a_measurement_there_are_bytes_but_no_times() -> None:
@@ -64,16 +65,16 @@ def test_the_host_shares_one_disk() -> None:
     b = pr.predict(500 * MIB, pr.SaveMode.STOP_FIRST, BW)
     c = pr.predict(1000 * MIB, pr.SaveMode.LIVE, BW, 0.3)
     host = pr.host_total([a, b, c], BW)
-    assert host == {"vms": 3, "bytes": 2500 * MIB, "stopped_s": 2.5, "restore_s": 1.25}
+    assert host == {"vms": 3, "bytes": 2500 * MIB, "stopped_s": 2.55, "restore_s": 1.55}
     live_only = pr.host_total([c], BW)
-    assert live_only["stopped_s"] == 0.3
+    assert live_only["stopped_s"] == 0.35
     doc = prediction_document(a, host, BW)
     assert (
         prediction_line(doc)
-        == "predicted (stop-first): write 1000 MiB, stopped 1.0 s, restore 500 ms"
+        == "predicted (stop-first): write 1000 MiB, stopped 1.1 s, restore 800 ms"
     )
     assert host_prediction([{"name": "x", "prediction": doc}]) == (
-        "host (3 VMs): write 2500 MiB, longest stop 2.5 s, restore all 1.2 s "
+        "host (3 VMs): write 2500 MiB, longest stop 2.5 s, restore all 1.6 s "
         "(state_dir measured 2026-12-01T18:00:00+00:00: write 1000 MiB/s, read 2000 MiB/s)"
     )
     assert host_prediction([{"name": "state_dir", "ok": False, "problems": []}]) is None
