@@ -23,8 +23,9 @@ from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families as prometheus_families
+from test_cycle import make_config
 
-from cprd import metrics
+from cprd import cli, metrics
 from cprd.manifest import Outcome, VMRecord
 from cprd.plan import MigrationSettings
 from cprd.steps import Step
@@ -241,3 +242,24 @@ def test_prepare_and_resume_write_the_metrics_file(
         assert web.runstate() == "running" and db.runstate() == "running"
     finally:
         stop_daemon(daemon)
+
+
+@pytest.mark.qemu
+def test_one_shot_commands_write_the_metrics_file(
+    guests: GuestFactory, vm_dir_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`cprd prepare` and `cprd resume` without the daemon write the file too."""
+    (web,) = guests(GuestSpec("web"))
+    prom = vm_dir_root / "cprd.prom"
+    make_config(vm_dir_root, f"metrics: {{textfile: '{prom}'}}\n")
+    config = str(vm_dir_root / "cprd.yaml")
+    assert cli.main(["--config", config, "prepare"]) == 0, capsys.readouterr()
+    s = parse(prom.read_text())
+    assert value(s, "cprd_last_operation", operation="prepare", result="ok") == 1
+    assert value(s, "cprd_vm_outcome", vm="web", outcome="saved") == 1
+    assert value(s, "cprd_vm_state_bytes", vm="web") > 0
+    assert cli.main(["--config", config, "resume"]) == 0, capsys.readouterr()
+    s = parse(prom.read_text())
+    assert value(s, "cprd_last_operation", operation="resume", result="ok") == 1
+    assert value(s, "cprd_last_operation_vms_ok") == 1
+    assert web.runstate() == "running"
