@@ -370,11 +370,13 @@ def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
     assert (pst.st_uid, stat.S_IMODE(pst.st_mode)) == (0, 0o711)
     assert path.parent == parent and path.name.startswith("web-")
     (path / "cpr.sock").write_text("")
-    (path / "link").symlink_to("/etc/passwd")
+    target = tmp_path / "roots"  # a root-owned file the symlink points at (never a system one)
+    target.write_text("")
+    (path / "link").symlink_to(target)
     hand_over(path, "cpr.sock", owner)
     hand_over(path, "link", owner)
     assert os.stat(path / "cpr.sock").st_uid == NOBODY
-    assert os.stat("/etc/passwd").st_uid == 0
+    assert os.stat(target).st_uid == 0
     parent.chmod(0o777)
     with pytest.raises(Exception, match="only root may write"):
         socket_dir("web", owner, parent)
