@@ -413,13 +413,20 @@ def filter_environ(raw: bytes, uid: int) -> tuple[tuple[str, str], ...]:
 class ProcessContext:
     """Who a QEMU ran as and where, recorded at save: its credentials from the kernel
     (/proc/PID/status: real uid and gid, supplementary groups), its working directory
-    (/proc/PID/cwd) and its environment filtered through :data:`ENV_ALLOWED`."""
+    (/proc/PID/cwd) and its environment filtered through :data:`ENV_ALLOWED`.
+
+    ``started_as_root``: its QMP socket was listened on by root (SO_PEERCRED), so it was
+    started as root.  Only then does a ``-run-with user=`` in its argv make it "a QEMU
+    that drops root itself": argv is memory a compromised QEMU can rewrite, and a QEMU
+    that always ran as uid N must not get itself relaunched as root by writing
+    ``-run-with user=N`` there."""
 
     uid: int
     gid: int
     groups: tuple[int, ...]
     cwd: str
     env: tuple[tuple[str, str], ...] = ()
+    started_as_root: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -428,6 +435,7 @@ class ProcessContext:
             "groups": list(self.groups),
             "cwd": self.cwd,
             "env": dict(self.env),
+            "started_as_root": self.started_as_root,
         }
 
 
@@ -438,10 +446,11 @@ def _status_field(status: str, key: str) -> list[int]:
     raise ValueError(f"no {key} line")
 
 
-def read_process(pid: int) -> ProcessContext:
+def read_process(pid: int, listener_uid: int) -> ProcessContext:
     """The :class:`ProcessContext` of process ``pid`` now (reads /proc; OSError or
-    ValueError when it cannot be read).  A deleted working directory reads as its path
-    with `` (deleted)``: the planner refuses it."""
+    ValueError when it cannot be read); ``listener_uid``: the uid its QMP socket was
+    listened on as (SO_PEERCRED).  A deleted working directory reads as its path with
+    `` (deleted)``: the planner refuses it."""
     with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
         status = f.read()
     uid = _status_field(status, "Uid")[0]
@@ -450,7 +459,7 @@ def read_process(pid: int) -> ProcessContext:
     cwd = os.readlink(f"/proc/{pid}/cwd")
     with open(f"/proc/{pid}/environ", "rb") as f:
         raw = f.read(1 << 20)
-    return ProcessContext(uid, gid, groups, cwd, filter_environ(raw, uid))
+    return ProcessContext(uid, gid, groups, cwd, filter_environ(raw, uid), listener_uid == 0)
 
 
 @dataclass(frozen=True)
@@ -491,11 +500,17 @@ def relaunch_as(ctx: ProcessContext | None, argv: Sequence[str]) -> RunAs:
     env = tuple((k, v) for k, v in ctx.env if env_value_allowed(k, v, ctx.uid))
     if ctx.uid == 0:
         return RunAs(0, ctx.gid, ctx.groups, ctx.cwd, env, "as root, as it ran")
-    if dropped_uid(argv) == ctx.uid:
+    if drops_root_itself(ctx, argv):
         return RunAs(
             0, 0, (), ctx.cwd, env, f"as root: its own -run-with user= drops to uid {ctx.uid}"
         )
     return RunAs(ctx.uid, ctx.gid, ctx.groups, ctx.cwd, env, f"as uid {ctx.uid}, as it ran")
+
+
+def drops_root_itself(ctx: ProcessContext, argv: Sequence[str]) -> bool:
+    """Whether this QEMU was started as root and dropped to its uid by its own
+    ``-run-with user=`` / ``-runas`` (pure apart from the user-name lookup)."""
+    return ctx.uid != 0 and ctx.started_as_root and dropped_uid(argv) == ctx.uid
 
 
 def run_as_problem(
@@ -508,12 +523,13 @@ def run_as_problem(
     """Why cprd cannot relaunch this QEMU as it runs now, or None (pure apart from the
     user-name lookup).  ``uids``/``gids``: real, effective, saved, filesystem."""
     uid = uids[0] if uids else 0
+    dropped = drops_root_itself(ctx, argv) if ctx is not None else dropped_uid(argv) == uid
     if len(set(uids)) > 1 or len(set(gids)) > 1:
         return (
             f"runs with mixed credentials (uids {'/'.join(map(str, uids))}, gids "
             f"{'/'.join(map(str, gids))}): cprd relaunches a QEMU as one uid and gid"
         )
-    if uid != 0 and dropped_uid(argv) != uid and uid not in set(trusted):
+    if uid != 0 and not dropped and uid not in set(trusted):
         return (
             f"runs as uid {uid}, neither dropped to by its own -run-with user= nor in "
             "discovery.trusted_uids: cprd relaunches a QEMU only as a uid it trusts"

@@ -441,6 +441,7 @@ def _process(r: _Reader, data: object, path: str) -> ProcessContext | None:
         groups=tuple(groups),
         cwd=r.get(data, "cwd", str, q),
         env=tuple(sorted(env.items())),
+        started_as_root=data.get("started_as_root", False) is True,
     )
 
 

@@ -456,12 +456,12 @@ async def inspect(
         block_files=image_paths(
             n for n in (nodes if isinstance(nodes, list) else []) if isinstance(n, dict)
         ),
-        process=_process(conn.pid),
+        process=_process(conn.pid, conn.cred.uid),
     )
 
 
-def _process(pid: int) -> ProcessContext:
+def _process(pid: int, listener_uid: int) -> ProcessContext:
     try:
-        return read_process(pid)
+        return read_process(pid, listener_uid)
     except (OSError, ValueError) as err:
         raise TrustError(f"QEMU pid {pid}: cannot read its credentials from /proc: {err}") from err

@@ -116,7 +116,7 @@ def test_relaunch_as_grid() -> None:
     assert relaunch_as(root, qemu) == RunAs(
         0, 0, (0,), "/var/lib/vm", (("TZ", "UTC"),), "as root, as it ran"
     )
-    dropped = ProcessContext(NOBODY, NOBODY, (NOBODY,), "/", ())
+    dropped = ProcessContext(NOBODY, NOBODY, (NOBODY,), "/", (), started_as_root=True)
     for argv in (
         (*qemu, "-run-with", "user=nobody"),
         (*qemu, "-run-with", f"user={NOBODY}:{NOBODY}"),
@@ -126,6 +126,12 @@ def test_relaunch_as_grid() -> None:
         assert relaunch_as(dropped, argv) == RunAs(
             0, 0, (), "/", (), f"as root: its own -run-with user= drops to uid {NOBODY}"
         ), argv
+    # A QEMU that never was root (its QMP socket was not listened on by root) and has
+    # -run-with user= in its argv (which it can rewrite): as the uid it runs as.
+    never_root = ProcessContext(NOBODY, NOBODY, (NOBODY,), "/", ())
+    assert relaunch_as(never_root, (*qemu, "-run-with", "user=nobody")) == RunAs(
+        NOBODY, NOBODY, (NOBODY,), "/", (), f"as uid {NOBODY}, as it ran"
+    )
     # Dropping to another user than the one it runs as: relaunched as the one it runs as.
     assert relaunch_as(CTX, (*qemu, "-run-with", "user=nobody")) == RunAs(
         1000, 1000, (24, 1000), "/srv/vm", CTX.env, "as uid 1000, as it ran"
@@ -141,6 +147,13 @@ def test_run_as_problem_grid() -> None:
     drop = (*qemu, "-run-with", "user=nobody")
     assert run_as_problem((0,) * 4, (0,) * 4, None, qemu, ()) is None
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, ()) is None
+    root_started = ProcessContext(NOBODY, NOBODY, (), "/", (), started_as_root=True)
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, ()) is None
+    never_root = ProcessContext(NOBODY, NOBODY, (), "/", ())
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, never_root, drop, ()) == (
+        f"runs as uid {NOBODY}, neither dropped to by its own -run-with user= nor in "
+        "discovery.trusted_uids: cprd relaunches a QEMU only as a uid it trusts"
+    )
     assert run_as_problem((1000,) * 4, (1000,) * 4, CTX, qemu, (1000,)) is None
     assert run_as_problem((1000,) * 4, (1000,) * 4, CTX, qemu, (1001,)) == (
         "runs as uid 1000, neither dropped to by its own -run-with user= nor in "
@@ -222,6 +235,7 @@ def test_manifest_keeps_the_process_context(tmp_path: Path) -> None:
         "groups": [24, 1000],
         "cwd": "/srv/vm",
         "env": {"LANG": "C.UTF-8", "TZ": "UTC"},
+        "started_as_root": False,
     }
     del data["vms"][0]["process"]
     assert mf.from_dict(data, "x").vms[0].process is None
