@@ -9,8 +9,9 @@ import stat
 from pathlib import Path
 
 import pytest
-from fixtures_bus import CprdAccounts
-from harness import GuestFactory, GuestSpec, Memory
+from fixtures_bus import BusDaemon, CprdAccounts
+from harness import GuestFactory, GuestSpec, GuestVM, Memory
+from test_launch_systemd import StandInSystemd, systemd  # noqa: F401 (a fixture)
 from test_manifest import record
 
 from cprd import config
@@ -26,7 +27,7 @@ from cprd.hosts import (
     run_as_problem,
 )
 from cprd.inventory import Inventory
-from cprd.launch import SystemdLauncher, popen_credentials
+from cprd.launch import Launcher, SystemdLauncher, popen_credentials
 from cprd.manifest import Manifest, Outcome, Phase
 from cprd.restore import Restorer, run_as
 from cprd.save import Saver
@@ -284,6 +285,42 @@ def _config(root: Path, trusted: int) -> config.Config:
     return config.load(cfg)
 
 
+ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "TZ": "UTC",
+    "LANG": "C.UTF-8",
+    "LD_PRELOAD": "/lib/x86_64-linux-gnu/libm.so.6",
+    "CPRD_TEST_SECRET": "not replayed",
+}
+
+
+def _start_as_user(
+    guests: GuestFactory, root: Path, accounts: CprdAccounts, name: str
+) -> tuple[GuestVM, Path]:
+    """A guest whose QEMU runs as cprd-test (groups: cprd) from root/qemu-cwd, with ENV."""
+    uid, gid = accounts.member_uid, accounts.member_gid
+    groups = (accounts.cprd_gid,)
+    root.chmod(0o755)  # the user must reach its VM directory
+    cwd = root / "qemu-cwd"
+    cwd.mkdir()
+    os.chown(cwd, uid, gid)
+    (vm,) = guests(GuestSpec(name, run_as=(uid, gid, groups), env=ENV, cwd=cwd))
+    status = _status(vm.pid)
+    assert status["Uid"] == [uid] * 4 and status["Groups"] == sorted(groups)
+    assert os.readlink(f"/proc/{vm.pid}/cwd") == str(cwd)
+    return vm, cwd
+
+
+async def _save_and_commit(cfg: config.Config) -> Manifest:
+    inventory = Inventory(cfg)
+    try:
+        saver = Saver(cfg, inventory)
+        await saver.prepare()
+        return await saver.commit()
+    finally:
+        await inventory.close()
+
+
 async def test_a_qemu_run_as_another_user_comes_back_as_that_user(
     guests: GuestFactory, vm_dir_root: Path, cprd_accounts: CprdAccounts
 ) -> None:
@@ -294,23 +331,10 @@ async def test_a_qemu_run_as_another_user_comes_back_as_that_user(
     and cwd, and the environment holds exactly PATH and the allowed variables.  Before
     that, a restore while its working directory is gone is refused (VM not started,
     state kept)."""
+    vm, cwd = _start_as_user(guests, vm_dir_root, cprd_accounts, "user")
     uid, gid = cprd_accounts.member_uid, cprd_accounts.member_gid
     groups = (cprd_accounts.cprd_gid,)
-    vm_dir_root.chmod(0o755)  # the user must reach its VM directory
-    cwd = vm_dir_root / "qemu-cwd"
-    cwd.mkdir()
-    os.chown(cwd, uid, gid)
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "TZ": "UTC",
-        "LANG": "C.UTF-8",
-        "LD_PRELOAD": "/lib/x86_64-linux-gnu/libm.so.6",
-        "CPRD_TEST_SECRET": "not replayed",
-    }
-    (vm,) = guests(GuestSpec("user", run_as=(uid, gid, groups), env=env, cwd=cwd))
     before = _status(vm.pid)
-    assert before["Uid"] == [uid] * 4 and before["Groups"] == sorted(groups)
-    assert os.readlink(f"/proc/{vm.pid}/cwd") == str(cwd)
     cfg = _config(vm_dir_root, uid)
     inventory = Inventory(cfg)
     try:
@@ -340,6 +364,43 @@ async def test_a_qemu_run_as_another_user_comes_back_as_that_user(
     (pid,) = vm.running_pids()
     after = _status(pid)
     assert after == before
+    assert os.readlink(f"/proc/{pid}/cwd") == str(cwd)
+    assert _environ(pid) == {"PATH": RELAUNCH_PATH, "TZ": "UTC", "LANG": "C.UTF-8"}
+    vm.wait_tick_above(tick)
+
+
+async def test_a_non_root_qemu_through_a_transient_unit(
+    guests: GuestFactory,
+    vm_dir_root: Path,
+    cprd_accounts: CprdAccounts,
+    dbus_daemon: BusDaemon,
+    systemd: StandInSystemd,  # noqa: F811 (the fixture)
+) -> None:
+    """The systemd launcher: the transient unit gets User=, Group=, SupplementaryGroups=,
+    WorkingDirectory= and Environment= over the real dbus-daemon, and the QEMU that the
+    stand-in for systemd (systemd cannot be PID 1 here) starts with them comes back as
+    the user, in its directory, with exactly the allowed environment."""
+    vm, cwd = _start_as_user(guests, vm_dir_root, cprd_accounts, "sduser")
+    before = _status(vm.pid)
+    cfg = _config(vm_dir_root, cprd_accounts.member_uid)
+    await _save_and_commit(cfg)
+    vm.released()
+    tick = vm.last_tick()
+    assert tick is not None
+    launcher: Launcher = SystemdLauncher(dbus_daemon.address)
+    result = await Restorer(cfg, launcher=launcher).run()
+    assert [(r.name, r.outcome) for r in result.vms] == [("sduser", Outcome.RESTORED)]
+    unit = systemd.units["cprd-vm-sduser.service"]
+    assert (unit["User"], unit["Group"], unit["SupplementaryGroups"]) == (
+        str(cprd_accounts.member_uid),
+        str(cprd_accounts.member_gid),
+        [str(cprd_accounts.cprd_gid)],
+    )
+    assert unit["WorkingDirectory"] == str(cwd)
+    assert unit["Environment"] == [f"PATH={RELAUNCH_PATH}", "LANG=C.UTF-8", "TZ=UTC"]
+    (pid,) = vm.running_pids()
+    assert pid == systemd.procs["cprd-vm-sduser.service"].pid
+    assert _status(pid) == before
     assert os.readlink(f"/proc/{pid}/cwd") == str(cwd)
     assert _environ(pid) == {"PATH": RELAUNCH_PATH, "TZ": "UTC", "LANG": "C.UTF-8"}
     vm.wait_tick_above(tick)
