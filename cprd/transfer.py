@@ -12,9 +12,9 @@ leaves the VM in its old process and the new process gone.
 
 The new QEMU runs as the old one did (:func:`cprd.hosts.relaunch_as`).  Both QEMUs reach
 the cpr and main channels by path (QEMU takes nothing but a unix socket path for the cpr
-channel), so these live in a per-VM directory owned by the QEMU's user, mode 0700,
-inside :data:`TRANSFER_PARENT` (root's, 0711: others may pass, not list or create);
-state_dir stays 0700.
+channel): a root QEMU's in a directory inside state_dir; any other's in a per-VM
+directory owned by the QEMU's user, mode 0700, inside :data:`TRANSFER_PARENT` (root's,
+0711: others may pass, not list or create).  state_dir stays 0700.
 """
 
 from __future__ import annotations
@@ -102,10 +102,18 @@ def transfer_argv(argv: tuple[str, ...], machine_type: str, cpr_socket: Path) ->
 TRANSFER_PARENT = Path("/run/cprd-transfer")
 
 
-def socket_dir(name: str, owner: ProcessContext | None, parent: Path = TRANSFER_PARENT) -> Path:
-    """A new directory for VM ``name``'s cpr and main channel sockets: owned by the
-    QEMU's uid and gid, mode 0700, inside ``parent`` (created root's and 0711 if
-    missing; refused if it is a symlink or not root's alone)."""
+def socket_dir(
+    name: str, owner: ProcessContext | None, state_dir: Path, parent: Path = TRANSFER_PARENT
+) -> Path:
+    """A new directory for VM ``name``'s cpr and main channel sockets.
+
+    A root QEMU's: inside the root-only state_dir (mode 0700), as both QEMUs are root's.
+    Another's: owned by the QEMU's uid and gid, mode 0700, inside ``parent`` (created
+    root's and 0711 if missing; refused if it is a symlink or not root's alone), as the
+    QEMUs reach it as that user once they dropped root or if they never had it."""
+    safe = mf.safe_file_name(name)
+    if owner is None or owner.uid == 0:
+        return Path(tempfile.mkdtemp(prefix=f"{safe}.", suffix=".cpr", dir=state_dir))
     with contextlib.suppress(FileExistsError):
         os.mkdir(parent, 0o711)
     st = os.lstat(parent)
@@ -117,13 +125,15 @@ def socket_dir(name: str, owner: ProcessContext | None, parent: Path = TRANSFER_
         )
     if mode != 0o711:  # mkdir's mode went through the umask
         os.chmod(parent, 0o711)  # noqa: S103 (search only: each VM's directory is 0700)
-    path = Path(tempfile.mkdtemp(prefix=f"{mf.safe_file_name(name)}-", dir=parent))
-    uid, gid = (owner.uid, owner.gid) if owner is not None else (0, 0)
+    path = Path(tempfile.mkdtemp(prefix=f"{safe}-", dir=parent))
     try:
-        os.chown(path, uid, gid)
+        os.chown(path, owner.uid, owner.gid)
     except OSError as err:
         shutil.rmtree(path, ignore_errors=True)
-        raise LaunchError(f"{name}: cannot give {path} to uid {uid}: {err.strerror}") from err
+        raise LaunchError(
+            f"{name}: cannot give {path} to uid {owner.uid}: {err.strerror}",
+            "the daemon needs CAP_CHOWN and a writable /run/cprd-transfer for this",
+        ) from err
     return path
 
 
@@ -218,7 +228,7 @@ class Upgrader:
         name = facts.name
         mf.ensure_state_dir(self.config.state_dir)  # the direct launcher's log is there
         how = relaunch_as(facts.process, facts.argv)
-        sock_dir = socket_dir(name, facts.process)
+        sock_dir = socket_dir(name, facts.process, self.config.state_dir)
         cpr_sock, mig_sock = sock_dir / "cpr.sock", sock_dir / "mig.sock"
         qmp_path = Path(facts.qmp_socket)
         self.inventory.exclude.add(qmp_path)  # the new QEMU takes over this path

@@ -434,12 +434,19 @@ async def test_cpr_transfer_of_a_qemu_that_dropped_root(
 
 
 def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
-    """The per-VM socket directory: owned by the QEMU's user, 0700, in a root-owned
-    0711 parent (created if missing); a parent others may write is refused; the cpr
-    socket is given to the user without following a symlink."""
+    """The per-VM socket directory: a root QEMU's in state_dir (0700); another's owned by
+    the QEMU's user, 0700, in a root-owned 0711 parent (created if missing); a parent
+    others may write is refused; the cpr socket is given to the user without following
+    a symlink."""
     parent = tmp_path / "transfer"
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
     owner = ProcessContext(NOBODY, NOBODY, (), "/", ())
-    path = socket_dir("web", owner, parent)
+    root_dir = socket_dir("web", ProcessContext(0, 0, (), "/", ()), state, parent)
+    st = os.stat(root_dir)
+    assert root_dir.parent == state and (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    assert not parent.exists()
+    path = socket_dir("web", owner, state, parent)
     st, pst = os.stat(path), os.stat(parent)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o700)
     assert (pst.st_uid, stat.S_IMODE(pst.st_mode)) == (0, 0o711)
@@ -454,4 +461,4 @@ def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
     assert os.stat(target).st_uid == 0
     parent.chmod(0o777)
     with pytest.raises(Exception, match="only root may write"):
-        socket_dir("web", owner, parent)
+        socket_dir("web", owner, state, parent)
