@@ -82,6 +82,25 @@ class PrepareOptions:
         )
 
 
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Options of Restore (D-Bus ``a{sv}``), validated: ``ignore_disk_changes`` names the
+    VMs restored even if their disk images changed since the save (as ``cprd restore
+    --ignore-disk-changes VM``)."""
+
+    ignore_disk_changes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, options: Mapping[str, object]) -> RestoreOptions:
+        for key in options:
+            if key != "ignore_disk_changes":
+                raise InvalidArgument(f"unknown option {key!r} (known: ignore_disk_changes)")
+        names = options.get("ignore_disk_changes", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise InvalidArgument("option 'ignore_disk_changes': expected a list of VM names")
+        return cls(tuple(names))
+
+
 class InvalidArgument(CprdError):
     dbus_name = "InvalidArgs"
 
@@ -490,15 +509,21 @@ class Controller:
                 figures = metrics.outcome_figures(outcomes or {})
                 self._metrics("resume", began, outcomes is not None, figures)
 
-    async def restore(self) -> dict[str, str]:
+    async def restore(self, options: RestoreOptions | None = None) -> dict[str, str]:
         """Restore a committed manifest (e.g. after a QEMU-only update, without a reboot)."""
+        options = options or RestoreOptions()
         async with self._running({State.COMMITTED, State.IDLE}, "restore"):
             manifest = mf.read(self.manifest_path)
             sockets = {Path(r.qmp_socket) for r in manifest.vms}
             self.inventory.exclude |= sockets
             began, ok = time.monotonic(), False
             try:
-                result = await Restorer(self.config, self.manifest_path, self.launcher).run()
+                result = await Restorer(
+                    self.config,
+                    self.manifest_path,
+                    self.launcher,
+                    ignore_disk_changes=options.ignore_disk_changes,
+                ).run()
                 ok = True
             finally:
                 self.inventory.exclude -= sockets

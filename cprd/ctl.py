@@ -2,7 +2,8 @@
 
     cprdctl [--bus ADDRESS] status [--json] | check [--json] [--measure]
     cprdctl [--bus ADDRESS] manifest [--json|--yaml]
-    cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume | restore
+    cprdctl [--bus ADDRESS] prepare-kexec [--commit] | commit | resume
+    cprdctl [--bus ADDRESS] restore [--ignore-disk-changes VM]...
     cprdctl [--bus ADDRESS] upgrade-qemu [--binary PATH] [VM ...]
     cprdctl [--bus ADDRESS] kexec [--kernel K [--initrd I] [--append A | --reuse-cmdline]]
                                   [--shutdown VM ...]
@@ -394,7 +395,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("commit", help="quit the saved QEMUs")
     sub.add_parser("resume", help="undo a prepare: every VM back as it was")
-    sub.add_parser("restore", help="restore the VMs of a committed manifest")
+    sub.add_parser("restore", help="restore the VMs of a committed manifest").add_argument(
+        "--ignore-disk-changes",
+        action="append",
+        default=[],
+        metavar="VM",
+        help="restore VM even if its disk images changed since the save (repeatable)",
+    )
     u = sub.add_parser("upgrade-qemu", help="move VMs to a new QEMU process, no reboot")
     u.add_argument("--binary", help="the new QEMU (default: each VM's own, as on disk now)")
     u.add_argument("vms", nargs="*", metavar="VM", help="VMs to move (default: all)")
@@ -428,7 +435,12 @@ async def _run(args: argparse.Namespace) -> int:
         if args.command == "prepare-kexec":
             return await prepare(client, args.commit)
         if args.command in ("commit", "resume", "restore"):
-            body = await client.call(args.command.capitalize(), timeout=LONG_CALL)
+            if args.command == "restore":
+                ignore = {"ignore_disk_changes": Variant("as", args.ignore_disk_changes)}
+                options = ignore if args.ignore_disk_changes else {}
+                body = await client.call("Restore", "a{sv}", [options], timeout=LONG_CALL)
+            else:
+                body = await client.call(args.command.capitalize(), timeout=LONG_CALL)
             outcomes = plain(body[0]) if body else {}
             for name, outcome in sorted(outcomes.items()):
                 print(f"{name}: {outcome}")

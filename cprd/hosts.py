@@ -13,7 +13,12 @@ Three decisions, each a pure function of what was read from /proc and QMP:
   the manager's own way to save it.
 - :func:`disk_changes`: is every disk image the guest saw still the one it saw?
 
-Only :func:`identify` and :func:`identify_all` touch the filesystem (one stat each).
+- :func:`relaunch_as`: as whom, where and with which environment a QEMU is relaunched
+  (:class:`ProcessContext` recorded at save, :class:`RunAs` for the launchers);
+  :func:`run_as_problem` says why it cannot be.
+
+Only :func:`identify`, :func:`identify_all` (one stat each) and :func:`read_process`
+(/proc) touch the filesystem.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from cprd.trust import dropped_uid
 
 #: QEMU options that take no argument (so the next word is an option, not a value).
 FLAGS = frozenset(
@@ -341,3 +348,192 @@ def disk_changes(recorded: Iterable[DiskImage], now: Mapping[str, DiskImage | No
         elif cur.mtime_ns != d.mtime_ns:
             out.append(f"{d.path} was modified after QEMU quit")
     return out
+
+
+# --- who a QEMU runs as, and where (issue 13 item 2) ------------------------------------
+
+#: Environment variables a relaunched QEMU gets back from the recorded /proc/PID/environ,
+#: each with the values it may take.  Everything else is dropped: environ is memory a
+#: compromised QEMU can rewrite, and a QEMU that drops root itself is relaunched as root.
+#: Never replayed, for that reason: LD_* (LD_PRELOAD, LD_LIBRARY_PATH, LD_AUDIT...),
+#: GCONV_PATH, LOCPATH, NLSPATH, MALLOC_*, GLIBC_TUNABLES, HOSTALIASES, RES_OPTIONS,
+#: LOCALDOMAIN, TMPDIR, HOME, PATH, QEMU_MODULE_DIR and any other QEMU_* (they change
+#: what QEMU loads or are test knobs).  PATH is not replayed but set to
+#: :data:`RELAUNCH_PATH` (a tap script QEMU runs finds the system's tools).
+LOCALE_VARIABLES = frozenset(
+    {
+        "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_NUMERIC", "LC_TIME", "LC_COLLATE",
+        "LC_MONETARY", "LC_MESSAGES", "LC_PAPER", "LC_NAME", "LC_ADDRESS", "LC_TELEPHONE",
+        "LC_MEASUREMENT", "LC_IDENTIFICATION",
+    }
+)  # fmt: skip
+ENV_ALLOWED = LOCALE_VARIABLES | {"TZ", "XDG_RUNTIME_DIR", "DISPLAY", "WAYLAND_DISPLAY"}
+RELAUNCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: A locale name (no "/": glibc then reads only the system's locale files).
+_LOCALE_VALUE = re.compile(r"[A-Za-z0-9_.@:+-]{1,64}")
+#: A zone name under /usr/share/zoneinfo or a POSIX TZ rule (no absolute path, no "..").
+_TZ_VALUE = re.compile(r":?[A-Za-z0-9_+,.<>-][A-Za-z0-9_+,./<>:-]{0,63}")
+_DISPLAY_VALUE = re.compile(r"[A-Za-z0-9_.-]{0,64}:[0-9]{1,5}(\.[0-9]{1,3})?")
+_WAYLAND_VALUE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def env_value_allowed(key: str, value: str, uid: int) -> bool:
+    """Whether ``key=value`` from a QEMU of real uid ``uid`` is replayed (pure)."""
+    if key in LOCALE_VARIABLES:
+        return _LOCALE_VALUE.fullmatch(value) is not None
+    if key == "TZ":
+        return _TZ_VALUE.fullmatch(value) is not None and ".." not in value
+    if key == "XDG_RUNTIME_DIR":
+        own = f"/run/user/{uid}"
+        norm = os.path.normpath(value) if value.startswith("/") else ""
+        return uid != 0 and norm == value and (value == own or value.startswith(own + "/"))
+    if key == "DISPLAY":
+        return _DISPLAY_VALUE.fullmatch(value) is not None
+    if key == "WAYLAND_DISPLAY":
+        return _WAYLAND_VALUE.fullmatch(value) is not None
+    return False
+
+
+def filter_environ(raw: bytes, uid: int) -> tuple[tuple[str, str], ...]:
+    """The variables of a /proc/PID/environ text that a relaunch replays (pure), sorted;
+    see :data:`ENV_ALLOWED`.  A name given twice counts once (the first, as getenv)."""
+    out: dict[str, str] = {}
+    for entry in raw.split(b"\0")[:256]:
+        key_b, sep, value_b = entry.partition(b"=")
+        try:
+            key, value = key_b.decode("ascii"), value_b.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if sep and key in ENV_ALLOWED and key not in out and env_value_allowed(key, value, uid):
+            out[key] = value
+    return tuple(sorted(out.items()))
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """Who a QEMU ran as and where, recorded at save: its credentials from the kernel
+    (/proc/PID/status: real uid and gid, supplementary groups), its working directory
+    (/proc/PID/cwd) and its environment filtered through :data:`ENV_ALLOWED`.
+
+    ``started_as_root``: its QMP socket was listened on by root (SO_PEERCRED), so it was
+    started as root.  Only then does a ``-run-with user=`` in its argv make it "a QEMU
+    that drops root itself": argv is memory a compromised QEMU can rewrite, and a QEMU
+    that always ran as uid N must not get itself relaunched as root by writing
+    ``-run-with user=N`` there."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    cwd: str
+    env: tuple[tuple[str, str], ...] = ()
+    started_as_root: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "gid": self.gid,
+            "groups": list(self.groups),
+            "cwd": self.cwd,
+            "env": dict(self.env),
+            "started_as_root": self.started_as_root,
+        }
+
+
+def _status_field(status: str, key: str) -> list[int]:
+    for line in status.splitlines():
+        if line.startswith(key + ":"):
+            return [int(v) for v in line.split()[1:]]
+    raise ValueError(f"no {key} line")
+
+
+def read_process(pid: int, listener_uid: int) -> ProcessContext:
+    """The :class:`ProcessContext` of process ``pid`` now (reads /proc; OSError or
+    ValueError when it cannot be read); ``listener_uid``: the uid its QMP socket was
+    listened on as (SO_PEERCRED).  A deleted working directory reads as its path with
+    `` (deleted)``: the planner refuses it."""
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        status = f.read()
+    uid = _status_field(status, "Uid")[0]
+    gid = _status_field(status, "Gid")[0]
+    groups = tuple(_status_field(status, "Groups"))
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        raw = f.read(1 << 20)
+    return ProcessContext(uid, gid, groups, cwd, filter_environ(raw, uid), listener_uid == 0)
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """How a launcher starts a QEMU: its credentials, working directory and
+    environment (``env`` None: cprd's own, for a record from before issue 13 item 2)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+    cwd: str
+    env: tuple[tuple[str, str], ...] | None
+    why: str
+
+    @property
+    def environment(self) -> dict[str, str] | None:
+        """The whole environment QEMU gets (with :data:`RELAUNCH_PATH`), or None."""
+        if self.env is None:
+            return None
+        return {"PATH": RELAUNCH_PATH, **dict(self.env)}
+
+
+#: How a record without a process context (an older manifest) is relaunched.
+LEGACY_RUN_AS = RunAs(0, 0, (), "/", None, "as root from / (no process context recorded)")
+
+
+def relaunch_as(ctx: ProcessContext | None, argv: Sequence[str]) -> RunAs:
+    """As whom, where and with what environment cprd relaunches this QEMU (pure apart
+    from the user-name lookup of ``-run-with user=NAME``).
+
+    A QEMU started as root that drops privileges itself (``-run-with user=``,
+    ``-runas``) is relaunched as root, so that it drops again; any other QEMU as the uid,
+    gid and groups it ran as (never as root unless it was root), in its working directory
+    with its filtered environment."""
+    if ctx is None:
+        return LEGACY_RUN_AS
+    # Filtered again: a manifest is root's, but the rule is kept in one place.
+    env = tuple((k, v) for k, v in ctx.env if env_value_allowed(k, v, ctx.uid))
+    if ctx.uid == 0:
+        return RunAs(0, ctx.gid, ctx.groups, ctx.cwd, env, "as root, as it ran")
+    if drops_root_itself(ctx, argv):
+        return RunAs(
+            0, 0, (), ctx.cwd, env, f"as root: its own -run-with user= drops to uid {ctx.uid}"
+        )
+    return RunAs(ctx.uid, ctx.gid, ctx.groups, ctx.cwd, env, f"as uid {ctx.uid}, as it ran")
+
+
+def drops_root_itself(ctx: ProcessContext, argv: Sequence[str]) -> bool:
+    """Whether this QEMU was started as root and dropped to its uid by its own
+    ``-run-with user=`` / ``-runas`` (pure apart from the user-name lookup)."""
+    return ctx.uid != 0 and ctx.started_as_root and dropped_uid(argv) == ctx.uid
+
+
+def run_as_problem(
+    uids: Sequence[int],
+    gids: Sequence[int],
+    ctx: ProcessContext | None,
+    argv: Sequence[str],
+    trusted: Iterable[int],
+) -> str | None:
+    """Why cprd cannot relaunch this QEMU as it runs now, or None (pure apart from the
+    user-name lookup).  ``uids``/``gids``: real, effective, saved, filesystem."""
+    uid = uids[0] if uids else 0
+    dropped = drops_root_itself(ctx, argv) if ctx is not None else dropped_uid(argv) == uid
+    if len(set(uids)) > 1 or len(set(gids)) > 1:
+        return (
+            f"runs with mixed credentials (uids {'/'.join(map(str, uids))}, gids "
+            f"{'/'.join(map(str, gids))}): cprd relaunches a QEMU as one uid and gid"
+        )
+    if uid != 0 and not dropped and uid not in set(trusted):
+        return (
+            f"runs as uid {uid}, neither dropped to by its own -run-with user= nor in "
+            "discovery.trusted_uids: cprd relaunches a QEMU only as a uid it trusts"
+        )
+    if ctx is not None and (ctx.cwd.endswith(" (deleted)") or not ctx.cwd.startswith("/")):
+        return f"its working directory {ctx.cwd} is gone: cprd cannot relaunch it there"
+    return None

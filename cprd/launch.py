@@ -4,6 +4,10 @@
 state_dir.  ``systemd`` asks systemd for a transient unit ``cprd-vm-<name>.service``
 (StartTransientUnit), so the VM is not killed when the restore unit ends.  argv is
 always a list: no shell is involved anywhere.
+
+Both start QEMU as :func:`cprd.hosts.relaunch_as` says (a :class:`~cprd.hosts.RunAs`):
+its uid, gid and supplementary groups, its working directory and its filtered
+environment.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,25 @@ from cprd import manifest as mf
 from cprd.config import Config
 from cprd.config import Launcher as LauncherKind
 from cprd.errors import LaunchError
+from cprd.hosts import LEGACY_RUN_AS, RunAs
+
+
+def popen_credentials(run_as: RunAs, uid: int, gid: int, groups: Sequence[int]) -> dict[str, Any]:
+    """Popen's ``user``/``group``/``extra_groups`` for ``run_as``, given cprd's own
+    credentials (pure): only what differs, so that a QEMU relaunched as cprd's own user
+    needs no CAP_SETUID/CAP_SETGID; supplementary groups are always set for another
+    uid (``extra_groups=[]`` clears root's).  A record without a process context
+    (:data:`~cprd.hosts.LEGACY_RUN_AS`) changes nothing."""
+    if run_as.env is None:
+        return {}
+    out: dict[str, Any] = {}
+    if run_as.uid != uid:
+        out["user"] = run_as.uid
+    if run_as.gid != gid:
+        out["group"] = run_as.gid
+    if run_as.uid != uid or sorted(run_as.groups) != sorted(groups):
+        out["extra_groups"] = list(run_as.groups)
+    return out
 
 
 class Launcher:
@@ -32,8 +56,11 @@ class Launcher:
         popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
         unit: str = ""
 
-    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
-        """Start QEMU ``executable`` with ``argv`` (a list, never a shell) for VM ``name``."""
+    async def launch(
+        self, name: str, executable: str, argv: list[str], run_as: RunAs = LEGACY_RUN_AS
+    ) -> Launcher.Process:
+        """Start QEMU ``executable`` with ``argv`` (a list, never a shell) for VM ``name``,
+        with the credentials, working directory and environment of ``run_as``."""
         raise NotImplementedError
 
     async def alive(self, process: Launcher.Process) -> bool:
@@ -59,7 +86,9 @@ class DirectLauncher(Launcher):
         self.log_dir = log_dir
         self.children: list[subprocess.Popen[bytes]] = []
 
-    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
+    async def launch(
+        self, name: str, executable: str, argv: list[str], run_as: RunAs = LEGACY_RUN_AS
+    ) -> Launcher.Process:
         log = self.log_dir / f"{mf.safe_file_name(name)}.log"
         fd = os.open(
             log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
@@ -73,7 +102,9 @@ class DirectLauncher(Launcher):
                 stderr=fd,
                 start_new_session=True,
                 close_fds=True,
-                cwd="/",
+                cwd=run_as.cwd,
+                env=run_as.environment,
+                **popen_credentials(run_as, os.geteuid(), os.getegid(), os.getgroups()),
             )
         except OSError as err:
             raise LaunchError(f"{name}: cannot start {executable}: {err.strerror}") from err
@@ -136,15 +167,38 @@ class SystemdLauncher(Launcher):
     def unit_name(name: str) -> str:
         return f"cprd-vm-{mf.safe_file_name(name)}.service"
 
-    async def launch(self, name: str, executable: str, argv: list[str]) -> Launcher.Process:
+    @staticmethod
+    def properties(
+        name: str, executable: str, argv: list[str], run_as: RunAs
+    ) -> list[tuple[str, str, Any]]:
+        """The transient unit's properties as (name, D-Bus signature, value) (pure)."""
+        props: list[tuple[str, str, Any]] = [
+            ("Description", "s", f"QEMU VM {name} (restored by cprd)"),
+            ("ExecStart", "a(sasb)", [[executable, argv, False]]),
+            ("KillMode", "s", "mixed"),
+            ("CollectMode", "s", "inactive-or-failed"),
+            ("WorkingDirectory", "s", run_as.cwd),
+        ]
+        if run_as.uid != 0:
+            props.append(("User", "s", str(run_as.uid)))
+        if run_as.uid != 0 or run_as.gid != 0:
+            props.append(("Group", "s", str(run_as.gid)))
+        if run_as.groups:
+            props.append(("SupplementaryGroups", "as", [str(g) for g in run_as.groups]))
+        env = run_as.environment
+        if env is not None:
+            props.append(("Environment", "as", [f"{k}={v}" for k, v in env.items()]))
+        return props
+
+    async def launch(
+        self, name: str, executable: str, argv: list[str], run_as: RunAs = LEGACY_RUN_AS
+    ) -> Launcher.Process:
         from dbus_fast import Variant
 
         unit = self.unit_name(name)
         props = [
-            ["Description", Variant("s", f"QEMU VM {name} (restored by cprd)")],
-            ["ExecStart", Variant("a(sasb)", [[executable, argv, False]])],
-            ["KillMode", Variant("s", "mixed")],
-            ["CollectMode", Variant("s", "inactive-or-failed")],
+            [key, Variant(sig, value)]
+            for key, sig, value in self.properties(name, executable, argv, run_as)
         ]
         await self._call("StartTransientUnit", "ssa(sv)a(sa(sv))", [unit, "fail", props, []])
         return Launcher.Process(name, 0, None, None, unit)

@@ -28,7 +28,7 @@ import yaml
 from cprd import failpoint
 from cprd.config import safe_load
 from cprd.errors import ManifestError
-from cprd.hosts import DiskImage
+from cprd.hosts import DiskImage, ProcessContext
 from cprd.plan import MigrationSettings
 from cprd.plan import safe_file_name as safe_file_name  # re-exported
 from cprd.steps import Step
@@ -92,6 +92,9 @@ class VMRecord:
     disks: tuple[DiskImage, ...] = ()
     #: named to be shut down at commit instead of saved (cold-booted at restore)
     shutdown_asked: bool = False
+    #: who its QEMU ran as, where and with which (filtered) environment: the restore
+    #: relaunches it so (hosts.relaunch_as); None in manifests from before issue 13 item 2
+    process: ProcessContext | None = None
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -272,6 +275,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                     else {}
                 ),
                 "disks": [dataclasses.asdict(d) for d in r.disks],
+                **({"process": r.process.to_dict()} if r.process is not None else {}),
             }
             for r in m.vms
         ],
@@ -377,6 +381,7 @@ def from_dict(data: object, source: str) -> Manifest:
                     *(r.get(d, k, int, q) for k in ("dev", "ino", "size", "mtime_ns")),
                 )
             )
+        process = _process(r, v.get("process"), f"{p}process")
         vms.append(
             VMRecord(
                 name=r.get(v, "name", str, p),
@@ -402,6 +407,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 exe_dev=exe_dev,
                 exe_ino=exe_ino,
                 disks=tuple(disks),
+                process=process,
             )
         )
     names = [v.name for v in vms]
@@ -413,6 +419,29 @@ def from_dict(data: object, source: str) -> Manifest:
         boot_id=str(host.get("boot_id", "")),
         kernel=str(host.get("kernel", "")),
         vms=tuple(vms),
+    )
+
+
+def _process(r: _Reader, data: object, path: str) -> ProcessContext | None:
+    """The optional ``process`` of a VM entry (absent in manifests before issue 13)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise r.fail(path, "not a mapping")
+    q = f"{path}."
+    groups = r.get(data, "groups", list, q)
+    if not all(isinstance(g, int) and not isinstance(g, bool) for g in groups):
+        raise r.fail(f"{q}groups", "expected a list of gids")
+    env = r.get(data, "env", dict, q)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise r.fail(f"{q}env", "expected a mapping of strings")
+    return ProcessContext(
+        uid=r.get(data, "uid", int, q),
+        gid=r.get(data, "gid", int, q),
+        groups=tuple(groups),
+        cwd=r.get(data, "cwd", str, q),
+        env=tuple(sorted(env.items())),
+        started_as_root=data.get("started_as_root", False) is True,
     )
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
-from cprd.hosts import manager_of, replay_problems
-from cprd.trust import dropped_uid
+from cprd.hosts import manager_of, replay_problems, run_as_problem
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -135,8 +134,17 @@ def migration_settings(
     return MigrationSettings(caps, params)
 
 
-def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: str | None) -> VMPlan:
-    """The plan for one VM, with every reason it cannot be saved in ``problems``."""
+def plan_vm(
+    facts: VMFacts,
+    vm: VMSettings,
+    save: SaveSettings,
+    state_fstype: str | None,
+    trusted_uids: Collection[int] = (),
+) -> VMPlan:
+    """The plan for one VM, with every reason it cannot be saved in ``problems``.
+
+    ``trusted_uids``: discovery.trusted_uids, the uids (besides root and a uid the QEMU
+    dropped to itself) cprd relaunches a QEMU as."""
     problems: list[str] = []
     notes: list[str] = []
     suspend, suspend_why = decide_suspend(facts, vm)
@@ -175,14 +183,12 @@ def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: st
     if managed is not None:
         problems.append(managed.problem())
     problems.extend(replay_problems(facts.argv))
-    uid = facts.identity.uids[0] if facts.identity is not None else 0
-    if uid != 0 and dropped_uid(facts.argv) != uid:
-        # Relaunching as that user (issue 13 item 2) is not built yet: a restore would
-        # start this QEMU as root, which it never was.
-        problems.append(
-            f"runs as uid {uid} (not dropped to by its own -run-with user=): cprd cannot "
-            "relaunch a QEMU as another user yet and would start it as root"
-        )
+    if facts.identity is not None:
+        # Relaunched as it runs (hosts.relaunch_as): refused only when cprd cannot.
+        ident = facts.identity
+        problem = run_as_problem(ident.uids, ident.gids, facts.process, facts.argv, trusted_uids)
+        if problem is not None:
+            problems.append(problem)
 
     settings = migration_settings(facts, in_place, save, state_fstype)
     in_place_backends = tuple(b for b in facts.backends if in_place and b.share)

@@ -24,7 +24,7 @@ from cprd import manifest as mf
 from cprd import statefile
 from cprd.config import Config
 from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
-from cprd.hosts import disk_changes, identify, replay_argv
+from cprd.hosts import RunAs, disk_changes, identify, relaunch_as, replay_argv
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
@@ -168,6 +168,19 @@ def check_disks(rec: VMRecord, ignore: bool = False) -> None:
     )
 
 
+def run_as(rec: VMRecord) -> RunAs:
+    """As whom and where VM ``rec`` is relaunched (:func:`cprd.hosts.relaunch_as`);
+    RestoreError when its recorded working directory is gone (VM not started, state
+    kept)."""
+    how = relaunch_as(rec.process, rec.argv)
+    if not os.path.isdir(how.cwd):
+        raise RestoreError(
+            f"{rec.name}: its working directory {how.cwd} is gone (state kept)",
+            "create the directory again (owned as before), then run the restore again",
+        )
+    return how
+
+
 class Restorer:
     def __init__(
         self,
@@ -252,10 +265,11 @@ class Restorer:
         """Relaunch one VM from its state file; return (its final runstate, its pid)."""
         check_files(rec, self.config.state_dir)
         check_disks(rec, rec.name in self.ignore_disk_changes)
+        how = run_as(rec)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)
-        process = await self.launcher.launch(rec.name, rec.executable, argv)
+        process = await self.launcher.launch(rec.name, rec.executable, argv, how)
         conn: QMPConnection | None = None
         try:
             conn = await self._connect(rec, process)
@@ -294,9 +308,10 @@ class Restorer:
     async def cold_boot(self, rec: VMRecord) -> tuple[str, int]:
         """Boot a VM that was shut down before the kexec from its recorded argv."""
         check_executable(rec)
+        how = run_as(rec)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)[:-2]  # without -incoming defer
-        process = await self.launcher.launch(rec.name, rec.executable, argv)
+        process = await self.launcher.launch(rec.name, rec.executable, argv, how)
         try:
             conn = await self._connect(rec, process)
         except BaseException:

@@ -134,7 +134,13 @@ class Saver:
             except (CprdError, OSError) as err:
                 problems[handle.name] = f"cannot inspect: {err}"
                 return
-            vm_plan = plan_vm(facts, self.config.vm(facts.name), self.config.save, fstype)
+            vm_plan = plan_vm(
+                facts,
+                self.config.vm(facts.name),
+                self.config.save,
+                fstype,
+                self.config.discovery.trusted_uids,
+            )
             plans.append((handle, vm_plan))
             if vm_plan.problems:
                 problems[facts.name] = "; ".join(vm_plan.problems)
@@ -342,6 +348,7 @@ class Saver:
             exe_dev=f.binary[0] if f.binary else None,
             exe_ino=f.binary[1] if f.binary else None,
             disks=tuple(DiskImage(path) for path in f.block_files),
+            process=f.process,
         )
         return _Work(handle, plan, record)
 

@@ -26,7 +26,7 @@ from dbus_fast.service import signal as dbus_signal
 
 from cprd import controller as ctl
 from cprd import manifest as mf
-from cprd.controller import Controller, InvalidArgument, PrepareOptions
+from cprd.controller import Controller, InvalidArgument, PrepareOptions, RestoreOptions
 from cprd.errors import CprdError
 from cprd.vm import redact_argv
 
@@ -144,8 +144,12 @@ class Manager(ServiceInterface):
         return vardict(await dbus_errors(self.controller.resume()))
 
     @dbus_method()
-    async def Restore(self) -> VarDict:
-        return vardict(await dbus_errors(self.controller.restore()))
+    async def Restore(self, options: VarDict) -> VarDict:
+        async def run() -> dict[str, str]:
+            parsed = RestoreOptions.parse({k: unvariant(v) for k, v in options.items()})
+            return await self.controller.restore(parsed)
+
+        return vardict(await dbus_errors(run()))
 
     @dbus_method()
     async def UpgradeQemu(self, names: Strs, options: VarDict) -> VarDict:

@@ -9,6 +9,12 @@ take cpr-reboot to a file and an immediate restore with the new binary.
 
 Until the new QEMU runs, the old one is untouched or put back: a failed switch-over
 leaves the VM in its old process and the new process gone.
+
+The new QEMU runs as the old one did (:func:`cprd.hosts.relaunch_as`).  Both QEMUs reach
+the cpr and main channels by path (QEMU takes nothing but a unix socket path for the cpr
+channel): a root QEMU's in a directory inside state_dir; any other's in a per-VM
+directory owned by the QEMU's user, mode 0700, inside :data:`TRANSFER_PARENT` (root's,
+0711: others may pass, not list or create).  state_dir stays 0700.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import stat
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +38,7 @@ from typing import Any
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, LaunchError, QMPError
+from cprd.hosts import ProcessContext, relaunch_as
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
@@ -86,6 +96,58 @@ def transfer_argv(argv: tuple[str, ...], machine_type: str, cpr_socket: Path) ->
         "addr": {"transport": "socket", "type": "unix", "path": str(cpr_socket)},
     }
     return [*base, "-incoming", json.dumps(channel), "-incoming", "defer"]
+
+
+#: Where the per-VM socket directories of a cpr-transfer are made (root's, 0711).
+TRANSFER_PARENT = Path("/run/cprd-transfer")
+
+
+def socket_dir(
+    name: str, owner: ProcessContext | None, state_dir: Path, parent: Path = TRANSFER_PARENT
+) -> Path:
+    """A new directory for VM ``name``'s cpr and main channel sockets.
+
+    A root QEMU's: inside the root-only state_dir (mode 0700), as both QEMUs are root's.
+    Another's: owned by the QEMU's uid and gid, mode 0700, inside ``parent`` (created
+    root's and 0711 if missing; refused if it is a symlink or not root's alone), as the
+    QEMUs reach it as that user once they dropped root or if they never had it."""
+    safe = mf.safe_file_name(name)
+    if owner is None or owner.uid == 0:
+        return Path(tempfile.mkdtemp(prefix=f"{safe}.", suffix=".cpr", dir=state_dir))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(parent, 0o711)
+    st = os.lstat(parent)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise LaunchError(
+            f"{parent} is not a root-owned directory only root may write (mode {mode:04o})",
+            f"remove {parent}; cprd creates it again",
+        )
+    if mode != 0o711:  # mkdir's mode went through the umask
+        os.chmod(parent, 0o711)  # noqa: S103 (search only: each VM's directory is 0700)
+    path = Path(tempfile.mkdtemp(prefix=f"{safe}-", dir=parent))
+    try:
+        os.chown(path, owner.uid, owner.gid)
+    except OSError as err:
+        shutil.rmtree(path, ignore_errors=True)
+        raise LaunchError(
+            f"{name}: cannot give {path} to uid {owner.uid}: {err.strerror}",
+            "the daemon needs CAP_CHOWN and a writable /run/cprd-transfer for this",
+        ) from err
+    return path
+
+
+def hand_over(directory: Path, name: str, owner: ProcessContext | None) -> None:
+    """Give socket ``name`` in ``directory`` to the QEMU's user: a QEMU that drops root
+    itself creates its cpr socket before it drops, as root, and the old QEMU (that
+    user) must be able to connect to it.  No symlink is followed."""
+    if owner is None or owner.uid == 0:
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.chown(name, owner.uid, owner.gid, dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
 
 
 def _inode(path: Path) -> int | None:
@@ -164,12 +226,10 @@ class Upgrader:
     async def _transfer(self, handle: VMHandle, exe: str) -> str:
         facts = handle.facts
         name = facts.name
-        base = self.config.state_dir / mf.safe_file_name(name)
-        mf.ensure_state_dir(self.config.state_dir)
-        cpr_sock, mig_sock = Path(f"{base}.cpr.sock"), Path(f"{base}.mig.sock")
-        for sock in (cpr_sock, mig_sock):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(sock)
+        mf.ensure_state_dir(self.config.state_dir)  # the direct launcher's log is there
+        how = relaunch_as(facts.process, facts.argv)
+        sock_dir = socket_dir(name, facts.process, self.config.state_dir)
+        cpr_sock, mig_sock = sock_dir / "cpr.sock", sock_dir / "mig.sock"
         qmp_path = Path(facts.qmp_socket)
         self.inventory.exclude.add(qmp_path)  # the new QEMU takes over this path
         old = handle.conn
@@ -182,9 +242,10 @@ class Upgrader:
             old_inode = _inode(qmp_path)
             self.progress(name, "launching", 0, 0)
             process = await self.launcher.launch(
-                name, exe, transfer_argv(facts.argv, facts.machine_type, cpr_sock)
+                name, exe, transfer_argv(facts.argv, facts.machine_type, cpr_sock), how
             )
             await self._wait_for(lambda: cpr_sock.exists(), process, name, "its cpr socket")
+            hand_over(sock_dir, cpr_sock.name, facts.process)
             # A save (then a resume or restore) leaves mapped-ram and multifd on, and
             # mapped-ram needs a seekable file: cpr-transfer's socket channels are not.
             caps = [
@@ -227,9 +288,7 @@ class Upgrader:
             await self._undo(handle, process, new, migrating)
             raise
         finally:
-            for sock in (cpr_sock, mig_sock):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(sock)
+            shutil.rmtree(sock_dir, ignore_errors=True)
         # The switch-over is done.  SIGKILL, not quit: a quitting QEMU unlinks its socket
         # paths, which the new process now serves.
         await new.close()

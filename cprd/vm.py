@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cprd.errors import QMPError, TrustError
-from cprd.hosts import image_paths
+from cprd.hosts import ProcessContext, image_paths, read_process
 from cprd.qmp import QMPConnection, expect, field
 from cprd.trust import check_binary
 
@@ -86,6 +86,8 @@ class VMFacts:
     cgroup: str = ""  # /proc/PID/cgroup as read (which manager runs it)
     parent_comm: str = ""  # the parent process's name (libvirtd, virtqemud, ...)
     block_files: tuple[str, ...] = ()  # image files of its block nodes (hosts.image_paths)
+    #: who it runs as, where, with which (filtered) environment: relaunched so
+    process: ProcessContext | None = None
 
     @property
     def ram_bytes(self) -> int:
@@ -454,4 +456,12 @@ async def inspect(
         block_files=image_paths(
             n for n in (nodes if isinstance(nodes, list) else []) if isinstance(n, dict)
         ),
+        process=_process(conn.pid, conn.cred.uid),
     )
+
+
+def _process(pid: int, listener_uid: int) -> ProcessContext:
+    try:
+        return read_process(pid, listener_uid)
+    except (OSError, ValueError) as err:
+        raise TrustError(f"QEMU pid {pid}: cannot read its credentials from /proc: {err}") from err

@@ -93,6 +93,13 @@ class GuestSpec:
     extra_args: list[str] = dataclasses.field(default_factory=list)
     #: the QEMU binary (default: CPRD_TEST_QEMU or qemu-system-x86_64 on PATH)
     qemu: str | None = None
+    #: start QEMU as (uid, gid, supplementary groups); its VM directory is given to that
+    #: uid (the directory above it must then be searchable by it)
+    run_as: tuple[int, int, tuple[int, ...]] | None = None
+    #: QEMU's environment (default: the test's own) and working directory (default: the
+    #: VM directory)
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
 
 
 @functools.cache
@@ -193,6 +200,9 @@ class GuestVM:
         self.ready_seconds: float | None = None  # launch to cprd-guest-ready
         self._qmp_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.dir.mkdir(parents=True, exist_ok=True)
+        if spec.run_as is not None:
+            os.chown(self.dir, spec.run_as[0], spec.run_as[1])
+            self.dir.chmod(0o755)
 
     def __repr__(self) -> str:
         return f"GuestVM({self.name!r}, dir={str(self.dir)!r})"
@@ -280,13 +290,19 @@ class GuestVM:
             raise RuntimeError(f"{self} is already running (pid {self.proc.pid})")
         for sock in (self.qmp_path, self.test_qmp_path, self.qga_path):
             sock.unlink(missing_ok=True)
+        creds: dict[str, Any] = {}
+        if self.spec.run_as is not None:
+            uid, gid, groups = self.spec.run_as
+            creds = {"user": uid, "group": gid, "extra_groups": list(groups)}
         with self.qemu_log.open("ab") as log:
             self.proc = subprocess.Popen(
                 list(argv if argv is not None else self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.dir,
+                cwd=self.spec.cwd or self.dir,
+                env=self.spec.env,
+                **creds,
             )
         self.launched_at = time.monotonic()
         self.ready_seconds = None

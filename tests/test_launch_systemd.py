@@ -2,7 +2,8 @@
 
 A stand-in, because systemd cannot run as PID 1 on this machine.  It answers
 StartTransientUnit the way systemd does for the properties cprd sends (it starts
-ExecStart's argv as a detached process) and StopUnit (it kills it).  Everything else is
+ExecStart's argv as a detached process, with User=, Group=, SupplementaryGroups=,
+WorkingDirectory= and Environment= applied) and StopUnit (it kills it).  Everything else is
 real: the dbus-daemon with the project's policy, QEMU, the guest and its counter.
 """
 
@@ -50,6 +51,16 @@ class StandInSystemd:
             values = {key: variant.value for key, variant in props}
             self.units[name] = values
             ((path, argv, _ignore),) = values["ExecStart"]
+            # User=, Group=, SupplementaryGroups= (numeric, as cprd sends them),
+            # WorkingDirectory= (default /) and Environment=, as systemd applies them.
+            creds: dict[str, Any] = {}
+            if "User" in values:
+                creds.update(user=int(values["User"]), extra_groups=[])
+            if "Group" in values:
+                creds["group"] = int(values["Group"])
+            if "SupplementaryGroups" in values:
+                creds["extra_groups"] = [int(g) for g in values["SupplementaryGroups"]]
+            env = values.get("Environment")
             self.procs[name] = subprocess.Popen(
                 argv,
                 executable=path,
@@ -57,6 +68,9 @@ class StandInSystemd:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                cwd=values.get("WorkingDirectory", "/"),
+                env=dict(e.split("=", 1) for e in env) if env is not None else None,
+                **creds,
             )
             return Message.new_method_return(msg, "o", ["/org/freedesktop/systemd1/job/1"])
         if msg.member == "StopUnit":

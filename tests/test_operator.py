@@ -61,6 +61,10 @@ def type_ok(kind: str, value: object) -> bool:
         return isinstance(value, list) and all(isinstance(v, dict) for v in value)
     if kind == "array of string":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "array of integer":
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
     if kind == "array of array of string":
         return isinstance(value, list) and all(type_ok("array of string", v) for v in value)
     return {

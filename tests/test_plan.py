@@ -294,11 +294,17 @@ def test_transfer_path() -> None:
     )
 
 
-def test_a_qemu_run_as_another_user_is_refused_until_cprd_can_relaunch_it_so() -> None:
-    """Relaunching as the same user is not built yet: such a QEMU would come back as root."""
+def test_a_qemu_run_as_another_user_is_planned_when_its_uid_is_trusted() -> None:
+    """cprd relaunches a QEMU as the uid it runs as (hosts.relaunch_as): a uid that
+    discovery trusts is planned; another one, or mixed credentials, are refused."""
     ident = ProcIdentity(7, ("qemu",), 1, 2, (1000, 1000, 1000, 1000), (1000,) * 4)
     vm = plan.plan_vm(facts(identity=ident), VMSettings(), SaveSettings(), "ext4")
     assert any("runs as uid 1000" in p for p in vm.problems), vm.problems
+    trusted = plan.plan_vm(facts(identity=ident), VMSettings(), SaveSettings(), "ext4", (1000,))
+    assert not any("uid" in p for p in trusted.problems), trusted.problems
+    mixed = dataclasses.replace(ident, uids=(1000, 0, 0, 0))
+    refused = plan.plan_vm(facts(identity=mixed), VMSettings(), SaveSettings(), "ext4", (1000,))
+    assert any("mixed credentials" in p for p in refused.problems), refused.problems
     dropped = dataclasses.replace(ident, uids=(65534,) * 4)
     argv = ("qemu", "-run-with", "user=nobody")
     ok = plan.plan_vm(facts(identity=dropped, argv=argv), VMSettings(), SaveSettings(), "ext4")
