@@ -342,6 +342,7 @@ class Saver:
             exe_dev=f.binary[0] if f.binary else None,
             exe_ino=f.binary[1] if f.binary else None,
             disks=tuple(DiskImage(path) for path in f.block_files),
+            restore_priority=self.config.vm(f.name).restore_priority,
         )
         return _Work(handle, plan, record)
 
