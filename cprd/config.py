@@ -226,10 +226,10 @@ class SaveSettings:
 class RestoreSettings:
     launcher: Launcher = setting(Launcher.DIRECT, _enum(Launcher), "direct or systemd")
     concurrency: int = setting(
-        2,
+        4,
         _int(1, 256),
-        "VMs restored at the same time (one restore reads at the disk's full speed; a second "
-        "overlaps its QEMU start with the other's reading)",
+        "VMs restored at the same time, in vms.<name>.restore_priority order (most of a "
+        "restore is not reading: QEMU's start, device state, CPU)",
     )
     timeout_s: int = setting(600, _int(1), "deadline for one VM's restore, in seconds")
     keep_state_files: bool = setting(

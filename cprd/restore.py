@@ -85,9 +85,9 @@ def restore_waves(records: Iterable[VMRecord]) -> list[list[str]]:
     """The order of a restore (pure): one wave per ``restore_priority``, the highest
     first; a wave starts once every VM of the one before is back or failed, so that an
     operator can bring up first what other VMs need.  Within a wave the smallest state
-    first, then by name: one restore already reads at the disk's full speed (measured:
-    1, 2 or 4 restores at once read the same aggregate), so a small state (RAM left in
-    place) is back in a fraction of a second instead of sharing the disk with a big one."""
+    first, then by name: the disk reads the same in aggregate for one restore or several
+    (measured), so the VMs whose state is small (RAM left in place) take the first slots
+    and are back at once instead of sharing the disk with the big ones."""
     waves: dict[int, list[VMRecord]] = {}
     for rec in records:
         waves.setdefault(rec.restore_priority, []).append(rec)
@@ -386,7 +386,10 @@ class Restorer:
     async def _wait_incoming(self, rec: VMRecord, conn: QMPConnection) -> None:
         total = rec.state_size or 0
         while True:
-            info = await conn.execute("query-migrate")
+            # QEMU loads a state file in its main loop and answers no monitor command
+            # until the load is done (seen: 10 s and more for 540 MB on a loaded host):
+            # the first reply may take as long as the whole restore is allowed to.
+            info = await conn.execute("query-migrate", timeout=self.config.restore.timeout_s)
             status = info.get("status", "none")
             if status == "completed":
                 self.progress(rec.name, "restored", total, total)

@@ -41,7 +41,7 @@ restore: {launcher: systemd, keep_state_files: true}
     assert c.vm("db").suspend is Suspend.NEVER
     assert c.vm("other").suspend is Suspend.AUTO
     assert (c.vm("db").restore_priority, c.vm("other").restore_priority) == (-3, 0)
-    assert c.restore.concurrency == 2
+    assert c.restore.concurrency == 4
     assert c.agent_path("web1") == Path("/run/qga/w.sock")
     assert c.agent_path("db") == Path("/run/qga/db.sock")
     assert c.agent_path("../x") is None
