@@ -363,3 +363,26 @@ def load_stamped(text: str) -> list[tuple[float, str]]:
 
 def as_json(parts: Mapping[str, Breakdown]) -> dict[str, Any]:
     return {name: b.to_dict() for name, b in parts.items()}
+
+
+def capture(result: Mapping[str, Any], lines: Sequence[tuple[float, str]]) -> dict[str, Any]:
+    """What the breakdown reads of one run, small enough for a test's data file: the
+    result's journal, ticks and manifest; the console lines it reads (each boot's first
+    line and the line that places its zero, the kexec line, E2E-PHASE and E2E-TICK)."""
+    starts = [n for n, (_, ln) in enumerate(lines) if BOOT.match(ln)]
+    keep = set(starts)
+    for b, first in enumerate(starts):
+        end = starts[b + 1] if b + 1 < len(starts) else len(lines)
+        printed = [
+            (t - float(m.group(1)), n)
+            for n, (t, ln) in enumerate(lines[first:end], first)
+            if (m := PRINTK.match(ln)) is not None
+        ]
+        keep.add(min(printed)[1])
+    for n, (_, ln) in enumerate(lines):
+        if KEXEC_CORE in ln or TICK.search(ln) or PHASE_LINE.search(ln):
+            keep.add(n)
+    return {
+        "result": {k: result[k] for k in ("journal_raw", "ticks_raw", "manifest") if k in result},
+        "lines": [[lines[n][0], lines[n][1]] for n in sorted(keep)],
+    }

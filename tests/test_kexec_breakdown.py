@@ -199,6 +199,14 @@ def test_stamped_log_round_trip() -> None:
     assert kb.load_stamped(text) == [(round(t, 2), ln) for t, ln in lines]
 
 
+def test_capture_keeps_what_the_breakdown_reads() -> None:
+    result, lines = made_up()
+    small = kb.capture(result, lines)
+    assert len(small["lines"]) < len(lines)
+    again = kb.breakdown(small["result"], [(t, ln) for t, ln in small["lines"]])
+    assert kb.as_json(again) == kb.as_json(kb.breakdown(result, lines))
+
+
 @pytest.mark.skipif(not DATA.exists(), reason="no captured run")
 def test_real_run_adds_up() -> None:
     """A real `make kexec-e2e` run: every VM's phases add up to its blackout measured
