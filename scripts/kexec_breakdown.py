@@ -8,10 +8,14 @@ Clocks.  Within one boot, the journal's ``__MONOTONIC_TIMESTAMP`` and the kernel
 stamps (``[  12.345678] ...`` on the console) run on that boot's monotonic clock, and
 realtime stamps (ticks.log, the manifest's history, ``__REALTIME_TIMESTAMP``) convert to
 it through the boot's realtime-monotonic offset read from its journal.  Across the kexec
-only the outer clock holds: each boot's monotonic zero is placed on it as the tightest
-bound ``min(outer stamp - printk stamp)`` over that boot's console lines (a line reaches
-the outer file after its kernel stamped it; lines flushed late from the kernel's buffer
-give larger differences and lose).
+only the outer clock holds: each boot's monotonic clock is placed on it by the tightest
+bound ``min(outer stamp - printk stamp)`` over that boot's console lines printed once its
+clock settled (``clocksource: Switched to clocksource``): a line reaches the outer file
+after its kernel stamped it, and lines flushed late from the kernel's buffer give larger
+differences and lose.  Before the switch the clock runs on jiffies and loses the ticks a
+starved vCPU misses (seen: 2 s in the first 4 s of the second boot), and its printk
+stamps stay 0 for seconds: its zero is not when the kernel started.  The kernel's start
+is therefore its first console line's outer stamp (``Linux version``: an upper bound).
 
 Phases.  Per VM the blackout runs from its last tick before the kexec to its first tick
 after (its guest counter, stamped inside by the ticks service); the marks in between
@@ -38,18 +42,24 @@ import yaml
 PRINTK = re.compile(r"^\[\s*(\d+\.\d+)\] ")
 BOOT = re.compile(r"^\[\s*0\.000000\] Linux version ")
 TICK = re.compile(r"E2E-TICK (\S+) (\d+)")
-PHASE_LINE = re.compile(r"E2E-PHASE boot([12]) (\S+)")
+PHASE_LINE = re.compile(r"E2E-PHASE boot([12]) ([0-9a-f-]{36})")
+#: console lines that quote others (the journal in the result): never read for marks
+QUOTING = ("E2E-RESULT ", "E2E-SAVE-PATH ", "E2E-CPRDCTL ", "E2E-WAIT ")
 KEXEC_CORE = "kexec_core: Starting new kernel"
+#: the kernel's clock runs true from here (before, on jiffies, a starved vCPU loses time)
+SWITCHED = "clocksource: Switched to clocksource"
 EVENT_IDS = {
     "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a61": "save started",
     "6a5b1f0e3c8d4e7f9a0b1c2d3e4f5a65": "manifest committed",
 }
 LOCK_RELEASED = ("released logind's shutdown delay lock", "releasing logind's delay lock")
+LOGIND_SIGNAL = "logind: a kexec is under way"
 #: manifest history steps taken after the kexec (the rest belong to the first boot)
 BOOT2_STEPS = frozenset({"restoring", "booting", "restored"})
 #: the blackout phase that begins at each mark; "cprd:" marks cprd's own share
 LABELS = {
-    "last tick": "guest: runs on after its last tick until stopped",
+    "last tick": "guest: after its last tick, still running",
+    "logind signal": "cprd, VMs still running: logind's kexec signal to the save's start",
     "save started": "cprd: prepare (plan, before this VM stops)",
     "suspending": "cprd: suspend to RAM through the agent",
     "migrating": "cprd: stopped, RAM to the state file + fsync",
@@ -131,6 +141,35 @@ class Breakdown:
         }
 
 
+def _printk(line: str) -> float:
+    m = PRINTK.match(line)
+    assert m is not None
+    return float(m.group(1))
+
+
+def _settled(lines: Sequence[tuple[float, str]], first: int, end: int) -> int | None:
+    """The last clocksource switch among lines[first:end] (the boot's clock runs true
+    after it), if any."""
+    found = None
+    for n in range(first, end):
+        if PRINTK.match(lines[n][1]) and SWITCHED in lines[n][1]:
+            found = n
+    return found
+
+
+def _zero_line(lines: Sequence[tuple[float, str]], first: int, end: int) -> int | None:
+    """The line of lines[first:end] that places the boot's clock on the outer one: of
+    those printed after its clock settled, the one with the least outer - printk stamp."""
+    switch = _settled(lines, first, end)
+    stable = _printk(lines[switch][1]) if switch is not None else 0.0
+    best: tuple[float, int] | None = None
+    for n in range(first, end):
+        t, ln = lines[n]
+        if PRINTK.match(ln) and (ts := _printk(ln)) > stable:
+            best = min(best, (t - ts, n)) if best is not None else (t - ts, n)
+    return None if best is None else best[1]
+
+
 class Clock:
     """Both boots' clocks placed on the outer one (see the module docstring)."""
 
@@ -143,14 +182,15 @@ class Clock:
         if len(starts) < 2:
             raise BreakdownError(f"{len(starts)} kernel boots on the console, expected 2")
         self.zero: list[float] = []  # outer time of each boot's monotonic zero
+        self.first_line: list[float] = []  # outer stamp of each boot's first console line
         for b, first in enumerate(starts[:2]):
             end = starts[b + 1] if b + 1 < len(starts) else len(lines)
-            diffs = [
-                t - float(m.group(1))
-                for t, ln in lines[first:end]
-                if (m := PRINTK.match(ln)) is not None
-            ]
-            self.zero.append(min(diffs))
+            n = _zero_line(lines, first, end)
+            if n is None:
+                raise BreakdownError(f"boot {b + 1}: no kernel line after its clock settled")
+            t, ln = lines[n]
+            self.zero.append(t - _printk(ln))
+            self.first_line.append(lines[first][0])
         self.lines = lines
         self.boot2_first_line = starts[1]
         self.rt_offset: list[float] = []  # realtime - monotonic, per boot
@@ -202,6 +242,7 @@ def _ticks(
 ) -> tuple[dict[str, tuple[float, float]], dict[str, tuple[float, float]], str]:
     """Per VM: (realtime inside, outer stamp) of its last tick of boot 1 and its first of
     boot 2, and boot 2's id."""
+    lines = [(t, ln) for t, ln in lines if not ln.startswith(QUOTING)]
     ids = {m.group(1): m.group(2) for _, ln in lines if (m := PHASE_LINE.search(ln))}
     if set(ids) != {"1", "2"}:
         raise BreakdownError("the console lacks E2E-PHASE boot1/boot2 lines")
@@ -232,12 +273,11 @@ def _host_marks(
     for e in journal.get("boot1", ()):
         name = EVENT_IDS.get(e.get("MESSAGE_ID", ""))
         msg = e.get("MESSAGE", "")
-        if (
-            name is None
-            and e.get("_SYSTEMD_UNIT") == "cprd.service"
-            and msg.startswith(LOCK_RELEASED)
-        ):
-            name = "lock released"
+        if name is None and e.get("_SYSTEMD_UNIT") == "cprd.service":
+            if msg.startswith(LOCK_RELEASED):
+                name = "lock released"
+            elif msg.startswith(LOGIND_SIGNAL):
+                name = "logind signal"
         if name is not None and name not in marks:  # the first of each
             marks[name] = clock.mono(0, int(e["__MONOTONIC_TIMESTAMP"]) / 1e6)
     for e in journal.get("boot2", ()):
@@ -252,7 +292,7 @@ def _host_marks(
     if kexec is None:
         raise BreakdownError(f"no '{KEXEC_CORE}' on the console")
     marks["kexec"] = kexec
-    marks["kernel"] = clock.mono(1, 0.0)
+    marks["kernel"] = clock.first_line[1]
     if "cprd-restore" not in marks:
         raise BreakdownError("boot 2's journal has no start of cprd-restore.service")
     return marks
@@ -373,13 +413,19 @@ def capture(result: Mapping[str, Any], lines: Sequence[tuple[float, str]]) -> di
     keep = set(starts)
     for b, first in enumerate(starts):
         end = starts[b + 1] if b + 1 < len(starts) else len(lines)
-        printed = [
-            (t - float(m.group(1)), n)
-            for n, (t, ln) in enumerate(lines[first:end], first)
-            if (m := PRINTK.match(ln)) is not None
-        ]
-        keep.add(min(printed)[1])
+        switch, zero = _settled(lines, first, end), _zero_line(lines, first, end)
+        keep |= {n for n in (switch, zero) if n is not None}
+        if switch is not None and zero is not None:  # and the lines the switch rules out
+            least = lines[zero][0] - _printk(lines[zero][1])
+            keep |= {
+                n
+                for n in range(first, switch)
+                if PRINTK.match(lines[n][1])
+                and _printk(lines[n][1]) > max(0.0, lines[n][0] - least)
+            }
     for n, (_, ln) in enumerate(lines):
+        if ln.startswith(QUOTING):
+            continue
         if KEXEC_CORE in ln or TICK.search(ln) or PHASE_LINE.search(ln):
             keep.add(n)
     return {

@@ -290,7 +290,7 @@ def run_host(vhost: Path, image: Path, work: Path, timeout: float, verbose: bool
 def outer_figures(lines: list[tuple[float, str]]) -> dict[str, Any]:
     """Blackout and per-VM downtime by the outer clock: the arrival of E2E-TICK lines."""
     tick = re.compile(r"E2E-TICK (vm\d) (\d+)")
-    boots = [t for t, ln in lines if "Linux version" in ln]
+    boots = [t for t, ln in lines if kb.BOOT.match(ln)]  # not a quote of one (E2E-RESULT)
     kexec_at = next((t for t, ln in lines if "E2E-KEXEC-START" in ln), None)
     out: dict[str, Any] = {"boots": len(boots)}
     if len(boots) < 2 or kexec_at is None:
