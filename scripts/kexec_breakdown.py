@@ -392,7 +392,7 @@ def render(parts: Mapping[str, Breakdown]) -> list[str]:
 def load_stamped(text: str) -> list[tuple[float, str]]:
     """serial-stamped.log (``%9.2f <line>`` per line) back into (outer time, line)."""
     out = []
-    for row in text.splitlines():
+    for row in text.split("\n"):  # not splitlines(): a console line may hold a \r
         head, _, line = row.lstrip().partition(" ")
         try:
             out.append((float(head), line))

@@ -434,7 +434,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.report is not None:
         result = json.loads((args.report / "result.json").read_text())
-        lines = kb.load_stamped((args.report / "serial-stamped.log").read_text())
+        with (args.report / "serial-stamped.log").open(newline="") as f:  # keep each \r
+            lines = kb.load_stamped(f.read())
+        result["outer"] = outer_figures(lines)
         add_breakdown(result, lines)
         return 0 if report(result, {}) else 1
     # SIGTERM/SIGHUP: unwind, so that the finally in run_host stops the host QEMU.
