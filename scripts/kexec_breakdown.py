@@ -71,7 +71,7 @@ LABELS = {
     "lock released": "host: shutdown (units stop, sync, kexec)",
     "kexec": "host: kexec to the new kernel",
     "kernel": "host: new kernel, boot to cprd-restore start",
-    "cprd-restore": "cprd: restore: checks, VMs before this one",
+    "cprd-restore": "cprd: restore: its start, checks, VMs before this one",
     "restoring": "cprd: restore of this VM (QEMU start, load, run)",
     "booting": "cprd: cold boot of this VM",
     "restored": "guest: restored, until its first tick",
