@@ -78,7 +78,7 @@ LABELS = {
 }
 #: the host's phases: from the first VM to take a step (the last to be restored)
 HOST_LABELS = {
-    "last tick": "guests: the first VM's last tick until it stops",
+    "last tick": "guests: after the first VM's last tick, still running",
     "suspending": "cprd: suspends (from the first)",
     "migrating": "cprd: RAM to the state files + fsync (from the first VM stopped)",
     "saved": "cprd: the first VM saved until the manifest is committed",
