@@ -181,6 +181,12 @@ class VMSettings:
         "VM cannot be saved: shutdown (ACPI power-off, then quit; cold-booted at restore) "
         "or leave (it dies with the old kernel)",
     )
+    restore_priority: int = setting(
+        0,
+        _int(-1000, 1000),
+        "restore order: VMs of a higher priority are back (or failed) before any VM of a "
+        "lower one starts restoring; recorded in the manifest at prepare",
+    )
 
 
 @dataclass(frozen=True)
@@ -219,7 +225,12 @@ class SaveSettings:
 @dataclass(frozen=True)
 class RestoreSettings:
     launcher: Launcher = setting(Launcher.DIRECT, _enum(Launcher), "direct or systemd")
-    concurrency: int = setting(4, _int(1, 256), "VMs restored at the same time")
+    concurrency: int = setting(
+        4,
+        _int(1, 256),
+        "VMs restored at the same time, in vms.<name>.restore_priority order (most of a "
+        "restore is not reading: QEMU's start, device state, CPU)",
+    )
     timeout_s: int = setting(600, _int(1), "deadline for one VM's restore, in seconds")
     keep_state_files: bool = setting(
         False, lambda v, p: _bool(v, p), "keep state files after a confirmed restore"

@@ -95,6 +95,8 @@ class VMRecord:
     #: who its QEMU ran as, where and with which (filtered) environment: the restore
     #: relaunches it so (hosts.relaunch_as); None in manifests from before issue 13 item 2
     process: ProcessContext | None = None
+    #: vms.<name>.restore_priority when it was saved: the restore's order (higher first)
+    restore_priority: int = 0
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -264,7 +266,11 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 "cprd_suspended": r.cprd_suspended,
                 "agent_socket": r.agent_socket,
                 "in_place": [dataclasses.asdict(f) for f in r.in_place],
-                "restore": {"outcome": r.outcome.value, "reason": r.reason},
+                "restore": {
+                    "outcome": r.outcome.value,
+                    "reason": r.reason,
+                    "priority": r.restore_priority,
+                },
                 "step": r.step.value,
                 "history": [list(h) for h in r.history],
                 "on_kexec_failure": r.on_kexec_failure,
@@ -357,6 +363,9 @@ def from_dict(data: object, source: str) -> Manifest:
             for h in history
         ):
             raise r.fail(f"{p}history", "expected a list of [step, time] pairs")
+        priority = restore.get("priority", 0)  # optional: manifests before issue 15
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise r.fail(f"{p}restore.priority", f"unexpected value {priority!r}")
         on_failure = v.get("on_kexec_failure", "shutdown")
         if on_failure not in ("shutdown", "leave"):
             raise r.fail(f"{p}on_kexec_failure", f"unknown value {on_failure!r}")
@@ -408,6 +417,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 exe_ino=exe_ino,
                 disks=tuple(disks),
                 process=process,
+                restore_priority=priority,
             )
         )
     names = [v.name for v in vms]

@@ -349,6 +349,7 @@ class Saver:
             exe_ino=f.binary[1] if f.binary else None,
             disks=tuple(DiskImage(path) for path in f.block_files),
             process=f.process,
+            restore_priority=self.config.vm(f.name).restore_priority,
         )
         return _Work(handle, plan, record)
 

@@ -23,7 +23,11 @@ PrepareForShutdownWithMetadata, under cprd's delay lock; bookworm (Debian 12, sy
    journal which path saved them, reports `E2E-RESULT <json>` on the serial console and
    powers off.
 This script follows serial.log, stamps each line with its own clock (for the blackout as
-seen from outside), prints the figures and exits non-zero when anything failed.
+seen from outside), prints the figures and the blackout's per-phase breakdown
+(scripts/kexec_breakdown.py: per VM and for the host, from the journal of both boots, the
+phases adding up to the blackout measured outside) and exits non-zero when anything
+failed, or when the phases leave more than a second (2 %) of the blackout unaccounted.
+`--report DIR` prints the report again from a kept work directory.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import kexec_breakdown as kb
 
 TOP = Path(__file__).resolve().parent.parent
 E2E = TOP / "tests" / "kexec_e2e"
@@ -274,6 +280,7 @@ def run_host(vhost: Path, image: Path, work: Path, timeout: float, verbose: bool
             f"(QEMU exit {proc.returncode}, timeout {timeout:.0f} s)",
         }
     result["outer"] = outer_figures(serial.lines)
+    add_breakdown(result, serial.lines)
     with (work / "serial-stamped.log").open("w") as f:  # outer clock, seconds from boot
         for t, ln in serial.lines:
             f.write(f"{t - serial.lines[0][0]:9.2f} {ln}\n")
@@ -283,7 +290,7 @@ def run_host(vhost: Path, image: Path, work: Path, timeout: float, verbose: bool
 def outer_figures(lines: list[tuple[float, str]]) -> dict[str, Any]:
     """Blackout and per-VM downtime by the outer clock: the arrival of E2E-TICK lines."""
     tick = re.compile(r"E2E-TICK (vm\d) (\d+)")
-    boots = [t for t, ln in lines if "Linux version" in ln]
+    boots = [t for t, ln in lines if kb.BOOT.match(ln)]  # not a quote of one (E2E-RESULT)
     kexec_at = next((t for t, ln in lines if "E2E-KEXEC-START" in ln), None)
     out: dict[str, Any] = {"boots": len(boots)}
     if len(boots) < 2 or kexec_at is None:
@@ -320,6 +327,45 @@ def outer_figures(lines: list[tuple[float, str]]) -> dict[str, Any]:
         first = min(t for t, ln in lines if t > second and tick.search(ln))
         out["host_blackout_s"] = round(first - last, 1)
     return out
+
+
+def add_breakdown(result: dict[str, Any], lines: list[tuple[float, str]]) -> None:
+    """result["breakdown"]: the blackout phase by phase (or result["breakdown_error"])."""
+    result.pop("breakdown", None)
+    result.pop("breakdown_error", None)
+    if "journal_raw" not in result and not result.get("ok"):
+        return  # the run failed before the second boot reported: nothing to cut up
+    try:
+        result["breakdown"] = kb.as_json(kb.breakdown(result, lines))
+    except (kb.BreakdownError, KeyError, ValueError) as err:
+        result["breakdown_error"] = f"{type(err).__name__}: {err}"
+
+
+def report_breakdown(result: dict[str, Any]) -> bool:
+    """Print the per-phase breakdown; False when it is missing or does not add up."""
+    if "breakdown_error" in result:
+        print(f"PROBLEM: no per-phase breakdown: {result['breakdown_error']}")
+        return False
+    parts = result.get("breakdown")
+    if not parts:
+        return True
+    ok = True
+    print("\n=== the blackout, phase by phase (s; host: first VM down to last VM back) ===")
+    for name, b in parts.items():
+        print(f"-- {name}: {b['outer_s']:.2f} s measured outside --")
+        for p in b["phases"]:
+            print(f"  {p['s']:8.2f}  {p['phase']}")
+        tol = kb.tolerance(b["outer_s"])
+        print(
+            f"  {b['sum_s']:8.2f}  sum of the phases; unaccounted {b['unaccounted_s']:+.2f} s "
+            f"(tolerance {tol:.2f})"
+        )
+        share = b["cprd_s"] / b["outer_s"] if b["outer_s"] > 0 else 0.0
+        print(f"  cprd's share: {b['cprd_s']:.2f} s ({share:.0%}); live phase {b['live_s']:.2f} s")
+        if abs(b["unaccounted_s"]) > tol:
+            print(f"PROBLEM: {name}: {b['unaccounted_s']:+.2f} s of the blackout unaccounted")
+            ok = False
+    return ok
 
 
 def report(result: dict[str, Any], timings: dict[str, float]) -> bool:
@@ -360,6 +406,7 @@ def report(result: dict[str, Any], timings: dict[str, float]) -> bool:
         print(f"first boot's journal, s from the save's start: {path['marks_s']}")
         for problem in path["problems"]:
             print(f"PROBLEM: {problem}")
+    ok = report_breakdown(result) and ok
     print("RESULT:", "PASS" if ok else "FAIL")
     return ok
 
@@ -377,7 +424,21 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the host disk image")
     ap.add_argument("-v", "--verbose", action="store_true", help="echo the whole console")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        metavar="DIR",
+        help="only print the report again from a kept work directory (result.json, "
+        "serial-stamped.log), with the breakdown computed anew",
+    )
     args = ap.parse_args()
+    if args.report is not None:
+        result = json.loads((args.report / "result.json").read_text())
+        with (args.report / "serial-stamped.log").open(newline="") as f:  # keep each \r
+            lines = kb.load_stamped(f.read())
+        result["outer"] = outer_figures(lines)
+        add_breakdown(result, lines)
+        return 0 if report(result, {}) else 1
     # SIGTERM/SIGHUP: unwind, so that the finally in run_host stops the host QEMU.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda n, _f: sys.exit(128 + n))

@@ -27,7 +27,7 @@ discovery: {qmp_sockets: ["/run/q/*.sock", "/run/r/*.qmp"], agent_socket: "/run/
             trusted_uids: [107]}
 vms:
   web1: {agent: /run/qga/w.sock, suspend: always}
-  db: {suspend: never}
+  db: {suspend: never, restore_priority: -3}
 save: {concurrency: 8, timeout_s: 60, in_place: never}
 restore: {launcher: systemd, keep_state_files: true}
 """
@@ -40,6 +40,8 @@ restore: {launcher: systemd, keep_state_files: true}
     assert c.vm("web1").suspend is Suspend.ALWAYS
     assert c.vm("db").suspend is Suspend.NEVER
     assert c.vm("other").suspend is Suspend.AUTO
+    assert (c.vm("db").restore_priority, c.vm("other").restore_priority) == (-3, 0)
+    assert c.restore.concurrency == 4
     assert c.agent_path("web1") == Path("/run/qga/w.sock")
     assert c.agent_path("db") == Path("/run/qga/db.sock")
     assert c.agent_path("../x") is None
@@ -58,7 +60,8 @@ ERRORS = [
     ("vms: {web1: {agent: rel.sock}}", "vms.web1.agent: expected an absolute path, got 'rel.sock'"),
     (
         "vms: {web1: {colour: red}}",
-        "vms.web1.colour: unknown key (known keys: agent, suspend, on_kexec_failure)",
+        "vms.web1.colour: unknown key "
+        "(known keys: agent, suspend, on_kexec_failure, restore_priority)",
     ),
     ("vms: {web1: 5}", "vms.web1: expected a mapping, got 5 (int)"),
     ("vms: [a, b]", "vms: expected a mapping of VM names, got ['a', 'b'] (list)"),
@@ -126,6 +129,14 @@ ERRORS = [
     (
         "restore: {concurrency: 300}",
         "restore.concurrency: expected an integer between 1 and 256, got 300",
+    ),
+    (
+        "vms: {db: {restore_priority: 1001}}",
+        "vms.db.restore_priority: expected an integer between -1000 and 1000, got 1001",
+    ),
+    (
+        "vms: {db: {restore_priority: high}}",
+        "vms.db.restore_priority: expected an integer, got 'high'",
     ),
     ("restore: {timeout_s: 0}", "restore.timeout_s: expected an integer at least 1, got 0"),
     (

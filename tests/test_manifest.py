@@ -12,7 +12,7 @@ from cprd import manifest as mf
 from cprd.errors import ManifestError, RestoreError
 from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
 from cprd.plan import MigrationSettings
-from cprd.restore import check_files, relaunch_argv
+from cprd.restore import check_files, relaunch_argv, restore_waves
 
 SETTINGS = MigrationSettings({"x-ignore-shared": True}, {"mode": "cpr-reboot"})
 
@@ -40,12 +40,16 @@ def record(tmp: Path, name: str = "web1", **kw: object) -> VMRecord:
 
 def test_round_trip_and_modes(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    m = Manifest.new(Phase.PREPARED, (record(tmp_path), record(tmp_path, "we ird/../x\n")))
+    m = Manifest.new(
+        Phase.PREPARED,
+        (record(tmp_path, restore_priority=-7), record(tmp_path, "we ird/../x\n")),
+    )
     mf.write(state / "manifest.yaml", m)
     assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(state / "manifest.yaml").st_mode) == 0o600
     assert mf.read(state / "manifest.yaml") == m
     assert os.listdir(state) == ["manifest.yaml"]
+    assert b"priority: -7" in (state / "manifest.yaml").read_bytes()
 
 
 @pytest.mark.parametrize("cut", [1, 50, -80, -2])
@@ -89,6 +93,15 @@ def test_unknown_version_and_bad_fields(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as err:
         mf.read(path)
     assert str(err.value) == f"manifest {path} is corrupt: vms[0].pid: unexpected value 'many'"
+    # restore.priority is optional (manifests before it have none: 0), typed when present
+    _resign(path, body.replace(b"  priority: 0\n", b""))
+    assert mf.read(path).vms[0].restore_priority == 0
+    _resign(path, body.replace(b"priority: 0", b"priority: first"))
+    with pytest.raises(ManifestError) as err:
+        mf.read(path)
+    assert str(err.value) == (
+        f"manifest {path} is corrupt: vms[0].restore.priority: unexpected value 'first'"
+    )
     _resign(path, b"- just\n- a list\n")
     with pytest.raises(ManifestError, match="top level: not a mapping"):
         mf.read(path)
@@ -196,3 +209,27 @@ def test_check_files_refusals(tmp_path: Path) -> None:
     with pytest.raises(RestoreError, match="is a symlink: refused"):
         check_files(rec, tmp_path)
     assert rec.outcome is Outcome.PENDING
+
+
+def test_restore_waves_priority_then_smallest_state(tmp_path: Path) -> None:
+    """Higher restore_priority first, each priority a wave of its own; within a wave the
+    smallest state first, then by name."""
+
+    def rec(name: str, prio: int, size: int | None) -> VMRecord:
+        return record(tmp_path, name, restore_priority=prio, state_size=size)
+
+    recs = [
+        rec("web2", 0, 500),
+        rec("batch", -5, 10),
+        rec("db", 10, 900),
+        rec("web1", 0, 500),
+        rec("dns", 10, 3),
+        rec("inplace", 0, 2),
+        rec("off", 0, None),  # shut down before the kexec: cold boot, no state to read
+    ]
+    assert restore_waves(recs) == [
+        ["dns", "db"],
+        ["off", "inplace", "web1", "web2"],
+        ["batch"],
+    ]
+    assert restore_waves([]) == []

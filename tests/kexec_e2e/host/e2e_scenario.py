@@ -260,6 +260,69 @@ def journal(boot: str) -> list[dict[str, str]]:
     return out
 
 
+#: Journal fields kept for the outer runner's per-phase breakdown (scripts/kexec_e2e.py).
+RAW_FIELDS = (
+    "__REALTIME_TIMESTAMP",
+    "__MONOTONIC_TIMESTAMP",
+    "MESSAGE_ID",
+    "CPRD_EVENT",
+    "CPRD_VM",
+    "CPRD_PHASE",
+    "UNIT",
+    "_SYSTEMD_UNIT",
+    "JOB_TYPE",
+    "JOB_RESULT",
+    "SYSLOG_IDENTIFIER",
+)
+RAW_UNITS = ("cprd.service", "cprd-restore.service", "cprd-kexec-guard.service")
+
+
+def raw_journal(boot: str) -> list[dict[str, str]]:
+    """cprd's entries (info and up) and systemd's about cprd's units in ``boot``, each
+    with both clocks, plus the boot's first kernel line and the last lines the journal
+    kept before the kexec: the raw data of the per-phase breakdown."""
+    matches: list[str] = []
+    for unit in RAW_UNITS:
+        matches += [f"_SYSTEMD_UNIT={unit}", "+", f"UNIT={unit}", "+"]
+    base = ("journalctl", "--no-pager", "-o", "json", "-b", boot)
+    runs = (
+        run(*base, "-p", "info", *matches[:-1], timeout=120),
+        run(*base, "-n", "40", timeout=60),  # the newest 40
+    )
+    first = run(*base, "_TRANSPORT=kernel", "--output-fields=MESSAGE", timeout=120)
+    out: list[dict[str, str]] = []
+    for r in runs:
+        for line in r.stdout.splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            raw = {k: str(e[k]) for k in RAW_FIELDS if k in e}
+            raw["MESSAGE"] = str(e.get("MESSAGE", ""))[:160]
+            out.append(raw)
+    for line in first.stdout.splitlines()[:1]:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            break
+        out.append(
+            {
+                "__REALTIME_TIMESTAMP": str(e.get("__REALTIME_TIMESTAMP", "")),
+                "__MONOTONIC_TIMESTAMP": str(e.get("__MONOTONIC_TIMESTAMP", "")),
+                "_TRANSPORT": "kernel",
+                "MESSAGE": str(e.get("MESSAGE", ""))[:160],
+            }
+        )
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for raw in sorted(out, key=lambda x: int(x.get("__MONOTONIC_TIMESTAMP") or 0)):
+        key = (raw.get("__MONOTONIC_TIMESTAMP", ""), raw["MESSAGE"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(raw)
+    return unique
+
+
 LOGIND_SAVE = "logind: a kexec is under way: preparing and committing"
 LOCK_RELEASED = "released logind's shutdown delay lock: logind's kexec may go on"
 OLD_LOGIND = "logind sent no PrepareForShutdownWithMetadata"
@@ -406,6 +469,8 @@ def boot2(phase: dict[str, Any]) -> dict[str, Any]:
             ln for ln in Path("/proc/mounts").read_text().splitlines() if "/mnt/pmem" in ln
         ],
         "events_boot1": [e["event"] + ":" + e["vm"] for e in events_before],
+        "journal_raw": {"boot1": raw_journal("-1"), "boot2": raw_journal("0")},
+        "ticks_raw": {vm: [list(t) for t in ts] for vm, ts in all_ticks.items()},
         "events_boot2": [e["event"] + ":" + e["vm"] for e in events_after],
     }
 
