@@ -16,6 +16,9 @@ run (this machine is shared and noisy, so only ratios carry over):
    QEMU's own migration time (query-migrate total-time): the difference is cprd's overhead.
 3. Parallel: the whole Saver.prepare for 1, 2, 4 and 8 small guests (128 MiB, no fill),
    as a ratio to one guest.
+5. Live vs stop-first: a 1 GiB guest holding 512 MiB that keeps rewriting 64 MiB, saved
+   stop-first (cpr-reboot) and live (normal mode) alternately, three times each: the time
+   it is stopped, from its STOP event to its state and the manifest fsynced.
 
 Prints a table, then as its last line one JSON object with every figure.
 Run as root (drop_caches, QEMU): `make bench` or `.venv/bin/python scripts/bench.py`.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -574,6 +578,127 @@ async def case_upgrade(root: Path, image: tuple[Path, Path], vms: list[GuestVM])
 # --- output -----------------------------------------------------------------------------
 
 
+# --- live vs stop-first (issue 15 item 1) -----------------------------------------------
+
+LIVE_MEM_MIB = 1024
+LIVE_FILL_MIB = 512
+LIVE_DIRTY_MIB = 64
+LIVE_ROUNDS = 3
+
+
+def _note_saved(into: dict[str, float], name: str, phase: str, _d: int, _t: int) -> None:
+    if phase == "saved":
+        into[name] = time.time()
+
+
+async def _stops(client: QMPClient, into: list[float]) -> None:
+    """Append the wall-clock stamp of every STOP event the client receives."""
+    with client.listener("STOP") as listener:
+        async for event in listener:
+            stamp = event["timestamp"]
+            into.append(stamp["seconds"] + stamp["microseconds"] / 1e6)
+
+
+async def case_live(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) -> dict[str, Any]:
+    """A copied VM whose guest keeps rewriting memory, saved stop-first (save.live: never,
+    cpr-reboot) and live (normal mode), alternately: per save, the time it is stopped,
+    from its STOP event (QEMU's stamp) to its state file and the manifest fsynced (cprd's
+    progress callback "saved", called right after the step saved is written)."""
+    say(
+        f"case live: booting a {LIVE_MEM_MIB} MiB guest holding {LIVE_FILL_MIB} MiB, "
+        f"rewriting {LIVE_DIRTY_MIB} MiB in a loop"
+    )
+    spec = GuestSpec("live", mem_mib=LIVE_MEM_MIB, fill_mib=LIVE_FILL_MIB, dirty_mib=LIVE_DIRTY_MIB)
+    vms += start_guests([spec], root, image, 600)
+    vm = vms[-1]
+    r: dict[str, Any] = {"mem_mib": LIVE_MEM_MIB, "fill_mib": LIVE_FILL_MIB}
+    r["dirty_mib"] = LIVE_DIRTY_MIB
+    runs: dict[str, list[dict[str, Any]]] = {"stop-first": [], "live": []}
+    for n in range(LIVE_ROUNDS):
+        for mode, live in (("stop-first", "never"), ("live", "auto")):
+            path = root / f"cprd-live-{mode}.yaml"
+            path.write_text(
+                f"state_dir: {root}/state-live\n"
+                f"discovery: {{qmp_sockets: ['{vm.qmp_path}']}}\n"
+                f"save: {{live: {live}}}\n"
+            )
+            cfg = config.load(path)
+            saved: dict[str, float] = {}
+            progress = functools.partial(_note_saved, saved)
+            stops: list[float] = []
+            # The test monitor serves one client: the one that hears STOP asks too.
+            client = QMPClient("bench-live")
+            await asyncio.wait_for(client.connect(str(vm.test_qmp_path)), QMP_TIMEOUT)
+            watch = asyncio.create_task(_stops(client, stops))
+            inventory = Inventory(cfg)
+            try:
+                start = time.time()
+                manifest = await Saver(cfg, inventory, progress).prepare()
+                await asyncio.sleep(0.1)
+                info = await asyncio.wait_for(client.execute("query-migrate"), QMP_TIMEOUT)
+                rec = manifest.vms[0]
+                x = {
+                    "stopped_s": saved["live"] - stops[0],
+                    "save_s": saved["live"] - start,
+                    "stops": len(stops),
+                    "qemu_downtime_ms": info.get("downtime"),
+                    "mode": rec.settings.parameters["mode"],
+                    "bytes": rec.state_size,
+                }
+                runs[mode].append(x)
+                say(
+                    f"  round {n + 1} {mode} ({x['mode']}): stopped "
+                    f"{x['stopped_s'] * 1000:.0f} ms of a {x['save_s']:.2f} s prepare "
+                    f"(QEMU downtime {x['qemu_downtime_ms']} ms)"
+                )
+                await Saver(cfg, inventory).resume()
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                await client.disconnect()
+                await inventory.close()
+            await wait_running(vm.test_qmp_path)
+    vm.cleanup()
+    r["runs"] = runs
+    r["stop_first_stopped_s"] = min(x["stopped_s"] for x in runs["stop-first"])
+    r["live_stopped_s"] = min(x["stopped_s"] for x in runs["live"])
+    r["ratio_live_to_stop_first"] = r["live_stopped_s"] / r["stop_first_stopped_s"]
+    return r
+
+
+def live_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
+    ms = ", ".join
+    runs = c["runs"]
+    ratio = c["ratio_live_to_stop_first"]
+    return [
+        (
+            "5 live",
+            "guest RAM / data / rewritten in a loop",
+            f"{c['mem_mib']} / {c['fill_mib']} / {c['dirty_mib']} MiB",
+        ),
+        (
+            "",
+            f"stopped, stop-first (cpr-reboot) x{len(runs['stop-first'])}",
+            ms(f"{x['stopped_s'] * 1000:.0f}" for x in runs["stop-first"]) + " ms",
+        ),
+        (
+            "",
+            f"stopped, live (normal) x{len(runs['live'])}",
+            ms(f"{x['stopped_s'] * 1000:.0f}" for x in runs["live"])
+            + " ms (QEMU downtime "
+            + ms(str(x["qemu_downtime_ms"]) for x in runs["live"])
+            + " ms)",
+        ),
+        (
+            "",
+            "RATIO live / stop-first stopped time",
+            f"{ratio:.2f}  (best vs best; STOP event to state + manifest fsynced; "
+            f"target <= 0.2: {mark(ratio <= 0.2)})",
+        ),
+    ]
+
+
 def mark(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -703,6 +828,9 @@ def table(results: dict[str, Any]) -> list[str]:
             ("", "blackout, file path (private RAM)", f"{u['file_blackout_s'] * 1000:.0f} ms"),
             ("", "RATIO file / cpr-transfer", f"{u['ratio_file_to_transfer']:.1f}x"),
         ]
+    lv = results.get("live")
+    if lv:
+        rows += live_rows(lv)
     w = (12, 38)
     lines = [f"{'case':<{w[0]}} {'figure':<{w[1]}} value", "-" * 100]
     lines += [f"{a:<{w[0]}} {b:<{w[1]}} {v}" for a, b, v in rows]
@@ -726,6 +854,7 @@ async def run_all(root: Path, image: tuple[Path, Path], results: dict[str, Any])
         results["in_place"] = await case_in_place(root, image, vms)
         results["parallel"] = await case_parallel(root, image, vms)
         results["upgrade"] = await case_upgrade(root, image, vms)
+        results["live"] = await case_live(root, image, vms)
     finally:
         for vm in vms:
             with contextlib.suppress(Exception):
