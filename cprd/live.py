@@ -1,8 +1,9 @@
 """Live saves stop together: the synchronised end of the live phase (pure coordination).
 
 A VM saved live (normal mode, :func:`cprd.plan.save_mode`) keeps running while QEMU
-writes its RAM, with a downtime limit of 1 ms: QEMU stops it by itself only when less
-than about a millisecond of writing is left (an idle guest, after its first pass).
+writes its RAM, with a switch-over threshold under a page (downtime-limit 1 ms at an
+assumed 1 MiB/s): QEMU stops it by itself only when the guest dirtied nothing since the
+last pass (an idle guest).
 Each save joins a *wave* (the live saves under way); once every member of the wave has
 written its RAM once (QEMU's dirty-sync-count passed 1), the wave goes and every member
 is stopped at once, so that the VMs stop at about the same moment, near

@@ -555,7 +555,10 @@ class Saver:
             self._together.leave(wave, w.name)
         w.timings["stop"] = time.monotonic()
         w.timings["live"] = w.timings["stop"] - w.timings["start"]
-        final: dict[str, Any] = {"downtime-limit": FINAL_DOWNTIME_MS}
+        final: dict[str, Any] = {
+            "downtime-limit": FINAL_DOWNTIME_MS,
+            "avail-switchover-bandwidth": 0,  # the rate QEMU measures
+        }
         if self.config.save.live_bandwidth_mib:
             final["max-bandwidth"] = UNLIMITED_BANDWIDTH
         await conn.execute("migrate-set-parameters", final, timeout=self._qmp_timeout)

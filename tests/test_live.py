@@ -135,6 +135,7 @@ async def test_live_saves_stop_together_and_restore_in_normal_mode(
             rec = recs[vm.name]
             assert rec.settings.parameters["mode"] == "normal"
             assert rec.settings.parameters["downtime-limit"] == 1
+            assert rec.settings.parameters["avail-switchover-bandwidth"] == MIB
             assert rec.settings.capabilities["mapped-ram"] is True
             assert [s for s, _ in rec.history] == ["migrating", "stopping", "saved"]
             assert vm.runstate() == "postmigrate"
@@ -233,3 +234,31 @@ async def test_a_failed_prepare_cancels_a_live_save_and_never_stops_the_vm(
     assert not (cfg.state_dir / "live.state").exists()
     assert not cfg.manifest_path.exists()
     live.wait_tick_above(live.last_tick() or 0)
+
+
+async def test_a_failure_as_the_live_saves_stop_puts_every_vm_back(
+    guests: GuestFactory, vm_dir_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure at the step stopping (recorded for the whole wave in one write, then
+    each VM stopped): the VM it names is never stopped, and every VM runs again, its
+    counter going on (one stopped already is continued, or restarted by QEMU as its
+    migration is cancelled)."""
+    a, b = guests(GuestSpec("a", mem_mib=192, dirty_mib=16), GuestSpec("b", dirty_mib=16))
+    for vm in (a, b):
+        vm.wait_tick_above(2)
+    cfg = make_config(vm_dir_root)
+    monkeypatch.setenv(failpoint.ENV, "stopping:raise:b")
+    monkeypatch.setattr(failpoint, "_armed", None)
+    inventory = Inventory(cfg)
+    try:
+        async with stops_of(a, b) as stops:
+            with pytest.raises(SaveError) as err:
+                await Saver(cfg, inventory).prepare()
+        assert "failpoint at stopping for b" in str(err.value)
+        assert stops.at["b"] == []
+    finally:
+        await inventory.close()
+    assert not cfg.manifest_path.exists()
+    for vm in (a, b):
+        assert vm.runstate() == "running"
+        vm.wait_tick_above(vm.last_tick() or 0)

@@ -92,6 +92,7 @@ def test_private_ram_is_copied_with_the_fast_settings() -> None:
     assert dict(p.settings.parameters) == {
         "mode": "normal",
         "downtime-limit": 1,
+        "avail-switchover-bandwidth": 2**20,
         "max-bandwidth": 2**63 - 1,
         "multifd-channels": 4,
         "direct-io": True,
