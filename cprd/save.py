@@ -476,7 +476,9 @@ class Saver:
         """migrate to the fdset and follow it until it completes; QMPError if it fails.
 
         A live save (normal mode) first runs its live phase (:meth:`_live_phase`)."""
-        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+        # Progress phase "live" while a live save's VM runs, "saving" once it is stopped
+        # (cprdctl times STOPPED from the first "saving").
+        self.progress(w.name, "live" if w.plan.live else "saving", 0, w.plan.bytes_to_write)
         journal.step(w.name, Step.MIGRATING)
         w.timings["start"] = time.monotonic()
         if w.plan.live and self.config.save.live_bandwidth_mib:
@@ -491,7 +493,9 @@ class Saver:
             return
         await self._follow(w, conn)
 
-    async def _query_migrate(self, w: _Work, conn: QMPConnection) -> dict[str, Any]:
+    async def _query_migrate(
+        self, w: _Work, conn: QMPConnection, phase: str = "saving"
+    ) -> dict[str, Any]:
         info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
         if not isinstance(info, dict):
             raise QMPError(f"{w.name}: query-migrate: unexpected reply")
@@ -502,7 +506,7 @@ class Saver:
         ram = ram if isinstance(ram, dict) else {}
         self.progress(
             w.name,
-            "saving",
+            phase,
             _int(ram.get("transferred")),
             _int(ram.get("total")) or w.plan.bytes_to_write,
         )
@@ -529,9 +533,10 @@ class Saver:
         wave = self._together.join(w.name)
         try:
             while not wave.go.is_set():
-                info = await self._query_migrate(w, conn)
-                if info.get("status") == "completed":
+                info = await self._query_migrate(w, conn, "live")
+                if info.get("status") == "completed":  # QEMU stopped it: nothing was left
                     w.timings["live"] = time.monotonic() - w.timings["start"]
+                    self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
                     return True
                 now = loop.time()
                 if dirty_syncs(info) > 1 or now >= deadline:
@@ -555,6 +560,7 @@ class Saver:
             self._together.leave(wave, w.name)
         w.timings["stop"] = time.monotonic()
         w.timings["live"] = w.timings["stop"] - w.timings["start"]
+        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
         final: dict[str, Any] = {
             "downtime-limit": FINAL_DOWNTIME_MS,
             "avail-switchover-bandwidth": 0,  # the rate QEMU measures
