@@ -49,6 +49,13 @@ class OnKexecFailure(enum.Enum):
     LEAVE = "leave"  # left running: it dies with the old kernel
 
 
+class Live(enum.Enum):
+    """Whether a VM whose RAM is copied is saved while it runs (normal-mode migration)."""
+
+    AUTO = "auto"  # live when its RAM is copied and it needs no suspend (cprd.plan.save_mode)
+    NEVER = "never"  # stop every VM first (cpr-reboot)
+
+
 class InPlace(enum.Enum):
     """Whether RAM on persistent shared memory may stay in place (x-ignore-shared)."""
 
@@ -219,6 +226,24 @@ class SaveSettings:
         InPlace.AUTO,
         _enum(InPlace),
         "keep RAM on persistent shared memory in place (auto) or always copy it (never)",
+    )
+    live: Live = setting(
+        Live.AUTO,
+        _enum(Live),
+        "save a running VM whose RAM is copied and that needs no suspend while it runs, "
+        "stopping it only for the last pass (auto), or stop every VM first (never)",
+    )
+    live_max_s: int = setting(
+        30,
+        _int(1, 3600),
+        "longest live phase, in seconds: then every VM still saved live is stopped and "
+        "its save finished while stopped, whatever its guest still dirties",
+    )
+    live_bandwidth_mib: int = setting(
+        0,
+        _int(0),
+        "write rate cap per VM during the live phase, in MiB/s (0: none); the last pass, "
+        "with the VM stopped, is never capped",
     )
 
 

@@ -336,7 +336,7 @@ class Controller:
         predictions = {
             plan.name: pr.predict(
                 plan.bytes_to_write,
-                pr.SaveMode.IN_PLACE if plan.in_place else pr.SaveMode.STOP_FIRST,
+                pr.save_mode(in_place=plan.in_place, live=plan.live),
                 bandwidth,
             )
             for _, plan in plans

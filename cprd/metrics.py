@@ -47,7 +47,18 @@ METRICS: tuple[tuple[str, str], ...] = (
 )
 #: Steps at which a VM's stop for a save began, and at which its save was complete.
 STOP_STEPS = frozenset({Step.SUSPENDING.value, Step.MIGRATING.value})
+#: A live save's VM runs while ``migrating``; it stops at ``stopping``.
+LIVE_STOP_STEPS = frozenset({Step.STOPPING.value})
 SAVED_STEP = Step.SAVED.value
+
+
+def _stop_steps(history: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Where this VM's stop began: ``stopping`` for a live save, else the first of
+    suspending/migrating (pure)."""
+    steps = {step for step, _ in history}
+    return LIVE_STOP_STEPS if Step.STOPPING.value in steps else STOP_STEPS
+
+
 OK_STEPS = {
     "prepare": frozenset({Step.SAVED, Step.COMMITTED}),
     "commit": frozenset({Step.COMMITTED}),
@@ -114,7 +125,7 @@ def vm_figures(operation: str, rec: VMRecord) -> VMFigures:
         outcome=outcome,
         ok=ok,
         state_bytes=rec.state_size,
-        stopped_s=span(rec.history, STOP_STEPS, SAVED_STEP),
+        stopped_s=span(rec.history, _stop_steps(rec.history), SAVED_STEP),
         restore_s=span(rec.history, frozenset({Step.RESTORING.value}), Step.RESTORED.value),
     )
 

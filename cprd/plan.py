@@ -7,13 +7,14 @@ does I/O; the tests feed it plain data.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.config import InPlace, Live, SaveSettings, Suspend, VMSettings
 from cprd.hosts import manager_of, replay_problems, run_as_problem
 from cprd.vm import Backend, MemClass, VMFacts
 
@@ -29,13 +30,35 @@ STATE_OVERHEAD = 16 * 2**20
 SAVEABLE = frozenset({"running", "paused", "suspended"})
 #: Capabilities cprd sets on every save and restore, so none is left from elsewhere.
 MANAGED_CAPABILITIES = ("x-ignore-shared", "mapped-ram", "multifd")
+#: downtime-limit (ms) of a live save's live phase: QEMU switches over by itself only when
+#: less than about a millisecond of writing is left; otherwise cprd stops the VMs together
+#: (cprd.live).  Not 0: with 0, QEMU 10.0 skips its exact count of the pages dirtied during
+#: the first pass and switches over as soon as that pass ends, whatever the guest dirtied
+#: (observed here: a guest rewriting 16 MiB at 130 MB/s was stopped after one pass).
+LIVE_DOWNTIME_MS = 1
+#: avail-switchover-bandwidth (bytes/s) of the live phase: QEMU's switch-over threshold is
+#: this rate times downtime-limit, here 1 KiB, less than a page: QEMU switches over by
+#: itself only when the guest dirtied nothing since its last pass.  (At the rate QEMU
+#: measures, a megabyte or so: a TCG guest starved by a loaded host was seen to dirty less
+#: and be stopped alone, before the others.)
+LIVE_SWITCHOVER_BANDWIDTH = 2**20
 #: Filesystems without O_DIRECT.
 NO_DIRECT_IO_FS = frozenset({"tmpfs", "ramfs", "overlay", "fuse", "9p", "virtiofs"})
 
 
+class SaveMode(enum.Enum):
+    """QEMU's migration mode for a save, recorded in the manifest (``parameters.mode``)
+    and set again by the restore."""
+
+    #: stopped first, then saved (VMs suspended first, RAM left in place, or not running)
+    CPR_REBOOT = "cpr-reboot"
+    #: saved live (RAM written while the guest runs), stopped for the last pass only
+    NORMAL = "normal"
+
+
 @dataclass(frozen=True)
 class MigrationSettings:
-    """What both sides of a cpr-reboot migration set; recorded in the manifest."""
+    """What both sides of a save to file set; recorded in the manifest."""
 
     capabilities: Mapping[str, bool]
     parameters: Mapping[str, Any]
@@ -46,6 +69,15 @@ class MigrationSettings:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> MigrationSettings:
         return cls(dict(data["capabilities"]), dict(data["parameters"]))
+
+    @property
+    def mode(self) -> SaveMode:
+        """The migration mode (a manifest from before live saves has cpr-reboot)."""
+        return SaveMode(self.parameters.get("mode", SaveMode.CPR_REBOOT.value))
+
+    @property
+    def live(self) -> bool:
+        return self.mode is SaveMode.NORMAL
 
     def commands(self) -> list[tuple[str, dict[str, Any]]]:
         """The QMP commands that apply these settings, in order."""
@@ -68,8 +100,12 @@ class VMPlan:
     in_place_backends: tuple[Backend, ...] = field(default=())
 
     @property
+    def live(self) -> bool:
+        return self.settings.live
+
+    @property
     def action(self) -> str:
-        verb = "suspend, then save" if self.suspend else "save"
+        verb = "suspend, then save" if self.suspend else "save live" if self.live else "save"
         return f"{verb} ({'RAM in place' if self.in_place else 'RAM copied'})"
 
 
@@ -113,11 +149,49 @@ def decide_in_place(facts: VMFacts, save: SaveSettings) -> tuple[bool, str]:
     return True, "all shared memory is persistent: RAM stays in place"
 
 
+def save_mode(
+    facts: VMFacts,
+    vm: VMSettings,
+    save: SaveSettings,
+    live_blockers: tuple[str, ...] = (),
+) -> tuple[SaveMode, str]:
+    """Whether VM ``facts`` is saved live (normal mode) or stopped first (cpr-reboot),
+    and why (pure).
+
+    Live only for a running VM whose RAM is copied with mapped-ram (QEMU 9.0 or later)
+    and that is not suspended first (VFIO): a VM suspended first, one whose RAM stays in
+    place, or one not running gains nothing from a live phase.  ``live_blockers``: what
+    QEMU reports blocking a migration in normal mode (``query-migrate`` blocked-reasons)."""
+    stop_first = SaveMode.CPR_REBOOT
+    if save.live is Live.NEVER:
+        return stop_first, "save.live: never: stopped first"
+    if facts.runstate != "running":
+        return stop_first, f"runstate {facts.runstate!r}: stopped first"
+    if decide_suspend(facts, vm)[0] or facts.vfio_devices:
+        return stop_first, "suspended first: stopped first"
+    if decide_in_place(facts, save)[0]:
+        return stop_first, "RAM stays in place: stopped first"
+    if not _supports(facts, MAPPED_RAM_VERSION, "mapped-ram") or (
+        "multifd" not in facts.migration_capabilities
+    ):
+        return stop_first, f"QEMU {facts.version_str} has no mapped-ram: stopped first"
+    if live_blockers:
+        return stop_first, f"live migration blocked ({live_blockers[0]}): stopped first"
+    return SaveMode.NORMAL, "RAM copied while it runs (live), stopped for the last pass"
+
+
 def migration_settings(
-    facts: VMFacts, in_place: bool, save: SaveSettings, state_fstype: str | None
+    facts: VMFacts,
+    in_place: bool,
+    save: SaveSettings,
+    state_fstype: str | None,
+    mode: SaveMode = SaveMode.CPR_REBOOT,
 ) -> MigrationSettings:
     caps = dict.fromkeys(MANAGED_CAPABILITIES, False)
-    params: dict[str, Any] = {"mode": "cpr-reboot", "max-bandwidth": UNLIMITED_BANDWIDTH}
+    params: dict[str, Any] = {"mode": mode.value, "max-bandwidth": UNLIMITED_BANDWIDTH}
+    if mode is SaveMode.NORMAL:
+        params["downtime-limit"] = LIVE_DOWNTIME_MS
+        params["avail-switchover-bandwidth"] = LIVE_SWITCHOVER_BANDWIDTH
     if in_place:
         caps["x-ignore-shared"] = True
     elif _supports(facts, MAPPED_RAM_VERSION, "mapped-ram"):
@@ -140,11 +214,13 @@ def plan_vm(
     save: SaveSettings,
     state_fstype: str | None,
     trusted_uids: Collection[int] = (),
+    live_blockers: tuple[str, ...] = (),
 ) -> VMPlan:
     """The plan for one VM, with every reason it cannot be saved in ``problems``.
 
     ``trusted_uids``: discovery.trusted_uids, the uids (besides root and a uid the QEMU
-    dropped to itself) cprd relaunches a QEMU as."""
+    dropped to itself) cprd relaunches a QEMU as; ``live_blockers``: what QEMU reports
+    against a normal-mode (live) migration."""
     problems: list[str] = []
     notes: list[str] = []
     suspend, suspend_why = decide_suspend(facts, vm)
@@ -190,7 +266,9 @@ def plan_vm(
         if problem is not None:
             problems.append(problem)
 
-    settings = migration_settings(facts, in_place, save, state_fstype)
+    mode, mode_why = save_mode(facts, vm, save, live_blockers)
+    notes.append(mode_why)
+    settings = migration_settings(facts, in_place, save, state_fstype, mode)
     in_place_backends = tuple(b for b in facts.backends if in_place and b.share)
     copied = sum(b.size for b in facts.backends if b not in in_place_backends)
     return VMPlan(

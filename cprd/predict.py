@@ -58,6 +58,13 @@ class SaveMode(enum.Enum):
     IN_PLACE = "in-place"  # x-ignore-shared: RAM stays where it is, ~nothing written
 
 
+def save_mode(*, in_place: bool, live: bool) -> SaveMode:
+    """The prediction's mode for a VM from its plan (plan.save_mode decided ``live``)."""
+    if in_place:
+        return SaveMode.IN_PLACE
+    return SaveMode.LIVE if live else SaveMode.STOP_FIRST
+
+
 class MeasureError(CprdError):
     dbus_name = "Measure"
 

@@ -144,7 +144,9 @@ def save_summary(manifest: dict[str, Any], seen: dict[str, VMProgress]) -> str:
     daemon's Progress signals (first "suspending" or "saving" to "saved")."""
     rows = [["VM", "ACTION", "BYTES", "STOPPED"]]
     for vm in manifest.get("vms", []):
-        verb = "suspend, then save" if vm.get("cprd_suspended") else "save"
+        params = vm.get("migration", {}).get("parameters", {})
+        live = params.get("mode") == "normal"  # saved while it ran (cprd.plan.save_mode)
+        verb = "suspend, then save" if vm.get("cprd_suspended") else "save live" if live else "save"
         where = "RAM in place" if vm.get("in_place") else "RAM copied"
         state = vm.get("state_size")
         secs = seen[vm["name"]].seconds_stopped if vm["name"] in seen else None

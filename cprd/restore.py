@@ -427,6 +427,10 @@ class Restorer:
             return "running (woken)"
         expected = {"running": "running", "suspended": "suspended", "paused": "paused"}
         want = expected.get(rec.runstate_before, rec.runstate_before)
+        if rec.settings.live and status == "paused" and want == "running":
+            # A live save's VM was stopped by cprd for its last pass (QMP stop), so the
+            # state file says paused: continue it, as it ran.
+            await conn.execute("cont")
         if status != want:
             status = await _wait_status(conn, lambda s: s == want, 10)
         return status

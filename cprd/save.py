@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cprd import manifest as mf
 from cprd import statefile
@@ -43,9 +44,16 @@ from cprd.errors import (
 from cprd.hosts import DiskImage
 from cprd.inventory import Inventory, VMHandle, pin_records
 from cprd.launch import Launcher
+from cprd.live import StopTogether, dirty_syncs
 from cprd.log import Event, emit
 from cprd.manifest import InPlaceFile, Journal, Manifest, Outcome, Phase, VMRecord
-from cprd.plan import VMPlan, duplicate_names, plan_vm, space_problem
+from cprd.plan import (
+    UNLIMITED_BANDWIDTH,
+    VMPlan,
+    duplicate_names,
+    plan_vm,
+    space_problem,
+)
 from cprd.qmp import QMPConnection
 from cprd.restore import Restorer
 from cprd.settle import Settled, Settler, alive, settle_all, wait_exit
@@ -58,6 +66,8 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[str, str, int, int], None]
 POLL = 0.05
 POLL_FIRST = 0.002
+#: downtime-limit (ms) once a live save's VM is stopped: finish now, whatever is left
+FINAL_DOWNTIME_MS = 100_000
 
 
 @dataclass
@@ -97,29 +107,35 @@ class Saver:
         self.inventory = inventory
         self.progress = progress or (lambda *_: None)
         self.manifest_path = config.manifest_path
+        #: live saves of the prepare under way stop together
+        self._together = StopTogether()
 
     # --- planning -----------------------------------------------------------------------
 
-    async def _cpr_blockers(self, handle: VMHandle) -> tuple[str, ...]:
-        """Migration blockers that apply to cpr-reboot (QEMU reports them per mode)."""
+    async def _blockers(self, handle: VMHandle) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Migration blockers that apply to cpr-reboot and to a live (normal-mode) save:
+        QEMU reports them per mode.  The mode is put back as it was."""
         conn = handle.conn
         before = (await conn.execute("query-migrate-parameters")).get("mode", "normal")
-        await conn.execute("migrate-set-parameters", {"mode": "cpr-reboot"})
+        found: dict[str, tuple[str, ...]] = {}
         try:
-            info = await conn.execute("query-migrate")
+            for mode in ("cpr-reboot", "normal"):
+                await conn.execute("migrate-set-parameters", {"mode": mode})
+                info = await conn.execute("query-migrate")
+                reasons = info.get("blocked-reasons", []) if isinstance(info, dict) else []
+                found[mode] = tuple(str(r) for r in reasons) if isinstance(reasons, list) else ()
         finally:
             await conn.execute("migrate-set-parameters", {"mode": before})
-        reasons = info.get("blocked-reasons", []) if isinstance(info, dict) else []
-        return tuple(str(r) for r in reasons) if isinstance(reasons, list) else ()
+        return found.get("cpr-reboot", ()), found.get("normal", ())
 
     async def plan(
         self, only: set[str] | None = None
     ) -> tuple[list[tuple[VMHandle, VMPlan]], dict[str, str]]:
         """Fresh facts and a plan per VM (or per VM named in ``only``).
 
-        Changes nothing a VM keeps (the migration mode is switched to cpr-reboot and back
-        to read QEMU's blockers for that mode); the caller holds the operation lock, so no
-        save runs meanwhile.  Returns (plans, problems)."""
+        Changes nothing a VM keeps (the migration mode is switched to cpr-reboot and
+        normal, and back, to read QEMU's blockers for each mode); the caller holds the
+        operation lock, so no save runs meanwhile.  Returns (plans, problems)."""
         await self.inventory.scan()
         handles = [h for h in self.inventory.vms() if only is None or h.name in only]
         fstype = state_fstype(self.config.state_dir)
@@ -127,19 +143,23 @@ class Saver:
         problems: dict[str, str] = {}
 
         async def one(handle: VMHandle) -> None:
+            live_blockers: tuple[str, ...] = ()
             try:
                 facts = await self.inventory.refresh(handle, probe_agent=True)
                 if facts.qemu_version >= (8, 2, 0):
-                    facts = facts.replace(migration_blockers=await self._cpr_blockers(handle))
+                    cpr, live_blockers = await self._blockers(handle)
+                    facts = facts.replace(migration_blockers=cpr)
             except (CprdError, OSError) as err:
                 problems[handle.name] = f"cannot inspect: {err}"
                 return
+            vm = self.config.vm(facts.name)
             vm_plan = plan_vm(
                 facts,
-                self.config.vm(facts.name),
+                vm,
                 self.config.save,
                 fstype,
-                self.config.discovery.trusted_uids,
+                trusted_uids=self.config.discovery.trusted_uids,
+                live_blockers=live_blockers,
             )
             plans.append((handle, vm_plan))
             if vm_plan.problems:
@@ -243,6 +263,7 @@ class Saver:
             manifest=self.manifest_path,
         )
         todo = [w for w in work if w.name not in skip]
+        self._together = StopTogether()
         reason = ""
         cancelled: BaseException | None = None
         try:
@@ -435,7 +456,14 @@ class Saver:
         size = mf.fsync_file(path)
         mf.fsync_dir(path.parent)
         w.record = journal.step(w.name, Step.SAVED, state_size=size)
-        w.timings["save"] = time.monotonic() - w.timings["start"]
+        done = time.monotonic()
+        w.timings["save"] = done - w.timings["start"]
+        how = "RAM in place" if w.plan.in_place else "RAM copied"
+        if "stop" in w.timings:
+            w.timings["stopped"] = done - w.timings["stop"]
+            how += f", live {w.timings['live']:.2f}s, stopped {w.timings['stopped']:.3f}s"
+        elif w.plan.live:
+            how += ", live: converged by itself"
         self.progress(w.name, "saved", size, size)
         emit(
             logger,
@@ -445,7 +473,7 @@ class Saver:
             size,
             path,
             w.timings["save"],
-            "RAM in place" if w.plan.in_place else "RAM copied",
+            how,
             vm=w.name,
             phase="preparing",
             manifest=self.manifest_path,
@@ -454,34 +482,102 @@ class Saver:
     async def _run_migration(
         self, journal: Journal, w: _Work, conn: QMPConnection, fdset: int
     ) -> None:
-        """migrate to the fdset and follow it until it completes; QMPError if it fails."""
-        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+        """migrate to the fdset and follow it until it completes; QMPError if it fails.
+
+        A live save (normal mode) first runs its live phase (:meth:`_live_phase`)."""
+        # Progress phase "live" while a live save's VM runs, "saving" once it is stopped
+        # (cprdctl times STOPPED from the first "saving").
+        self.progress(w.name, "live" if w.plan.live else "saving", 0, w.plan.bytes_to_write)
         journal.step(w.name, Step.MIGRATING)
         w.timings["start"] = time.monotonic()
+        if w.plan.live and self.config.save.live_bandwidth_mib:
+            cap = self.config.save.live_bandwidth_mib * 2**20
+            await conn.execute(
+                "migrate-set-parameters", {"max-bandwidth": cap}, timeout=self._qmp_timeout
+            )
         await conn.execute(
             "migrate", {"uri": f"file:/dev/fdset/{fdset}"}, timeout=self._qmp_timeout
         )
+        if w.plan.live and await self._live_phase(journal, w, conn):
+            return
+        await self._follow(w, conn)
+
+    async def _query_migrate(
+        self, w: _Work, conn: QMPConnection, phase: str = "saving"
+    ) -> dict[str, Any]:
+        info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
+        if not isinstance(info, dict):
+            raise QMPError(f"{w.name}: query-migrate: unexpected reply")
+        status = info.get("status", "none")
+        if status in ("failed", "cancelled"):
+            raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+        ram = info.get("ram", {})
+        ram = ram if isinstance(ram, dict) else {}
+        self.progress(
+            w.name,
+            phase,
+            _int(ram.get("transferred")),
+            _int(ram.get("total")) or w.plan.bytes_to_write,
+        )
+        return info
+
+    async def _follow(self, w: _Work, conn: QMPConnection) -> None:
         poll = POLL_FIRST
         while True:
-            info = await conn.execute("query-migrate", timeout=self._qmp_timeout)
-            if not isinstance(info, dict):
-                raise QMPError(f"{w.name}: query-migrate: unexpected reply")
-            status = info.get("status", "none")
-            ram = info.get("ram", {})
-            ram = ram if isinstance(ram, dict) else {}
-            if status == "completed":
+            info = await self._query_migrate(w, conn)
+            if info.get("status") == "completed":
                 return
-            if status in ("failed", "cancelled"):
-                raise QMPError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
-            self.progress(
-                w.name,
-                "saving",
-                _int(ram.get("transferred")),
-                _int(ram.get("total")) or w.plan.bytes_to_write,
-            )
             # An in-place save takes QEMU a few ms: look again soon, then back off.
             await asyncio.sleep(poll)
             poll = min(poll * 2, POLL)
+
+    async def _live_phase(self, journal: Journal, w: _Work, conn: QMPConnection) -> bool:
+        """The VM runs while its RAM is written.  Once every live save of its wave has
+        written its RAM once, or its own save.live_max_s has passed, stop it (with the
+        wave: one manifest write for all, then one ``stop`` each), lift the downtime
+        limit and the bandwidth cap so that QEMU finishes the save while it is stopped.
+        True if the save completed by itself (nothing left to write: QEMU stopped it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.save.live_max_s
+        wave = self._together.join(w.name)
+        try:
+            while not wave.go.is_set():
+                info = await self._query_migrate(w, conn, "live")
+                if info.get("status") == "completed":  # QEMU stopped it: nothing was left
+                    w.timings["live"] = time.monotonic() - w.timings["start"]
+                    self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+                    return True
+                now = loop.time()
+                if dirty_syncs(info) > 1 or now >= deadline:
+                    self._together.ready(wave, w.name)
+                if now >= deadline:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wave.go.wait(), min(POLL, deadline - now))
+            if not wave.recorded and wave.go.is_set():
+                wave.recorded = True
+                names = [
+                    n for n in wave.names if journal.vm(n).step is Step.MIGRATING
+                ]  # not those saved already (converged by themselves)
+                journal.record_steps(names, Step.STOPPING)
+            if journal.vm(w.name).step is Step.STOPPING:
+                journal.taking(w.name, Step.STOPPING)
+            else:  # stopped alone, at its own deadline
+                journal.step(w.name, Step.STOPPING)
+            await conn.execute("stop", timeout=self._qmp_timeout)
+        finally:
+            self._together.leave(wave, w.name)
+        w.timings["stop"] = time.monotonic()
+        w.timings["live"] = w.timings["stop"] - w.timings["start"]
+        self.progress(w.name, "saving", 0, w.plan.bytes_to_write)
+        final: dict[str, Any] = {
+            "downtime-limit": FINAL_DOWNTIME_MS,
+            "avail-switchover-bandwidth": 0,  # the rate QEMU measures
+        }
+        if self.config.save.live_bandwidth_mib:
+            final["max-bandwidth"] = UNLIMITED_BANDWIDTH
+        await conn.execute("migrate-set-parameters", final, timeout=self._qmp_timeout)
+        return False
 
     # --- settling: rollback, resume, commit ---------------------------------------------
 

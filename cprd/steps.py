@@ -33,6 +33,9 @@ class Step(enum.Enum):
     PLANNED = "planned"  # in the manifest; nothing done to the VM yet
     SUSPENDING = "suspending"  # guest-suspend-ram is being sent
     MIGRATING = "migrating"  # migrate is being sent: the VM may be stopped, the file partial
+    #: a live save (normal mode) ends its live phase: cprd stops the VM for the last pass
+    #: (it may be paused or postmigrate, the file still partial)
+    STOPPING = "stopping"
     SAVED = "saved"  # the migration completed and the state file is fsynced
     RESUMING = "resuming"  # cont / system_wakeup of a saved VM: its state file goes stale
     RELOADING = "reloading"  # its QEMU quits so that a new one loads the complete state
@@ -48,6 +51,8 @@ class Step(enum.Enum):
 
 #: Steps after which the state file holds the whole VM.
 COMPLETE = frozenset({Step.SAVED, Step.QUITTING, Step.COMMITTED, Step.RELOADING})
+#: Steps of a save under way: the state file is partial until the migration completes.
+SAVING = frozenset({Step.MIGRATING, Step.STOPPING})
 #: Steps after which the VM runs without its state file.
 RUNNING = frozenset({Step.RESUMED, Step.RESTORED})
 
@@ -200,7 +205,10 @@ def _put_back(f: Facts, seen: Seen) -> Decision:
         if seen.qemu is Qemu.GONE:
             return _d(Action.LOST, "its QEMU exited while it was being suspended")
         return _back(f, seen)
-    if step is Step.MIGRATING:
+    if step in SAVING:
+        # A live save runs while the VM runs: cancelling it leaves the VM running, as
+        # QEMU restarts a VM that ran when its migration began; stopped by cprd (or by
+        # the last pass) it is continued below once the migration is cancelled.
         if seen.qemu is Qemu.GONE:
             if seen.state_complete:
                 return _d(Action.LAUNCH, "its QEMU exited after a complete save", Step.RESTORING)
@@ -233,7 +241,7 @@ def _commit(f: Facts, seen: Seen, anyway: bool) -> Decision:
     step = f.step
     if step is Step.SHUT_DOWN:
         return _d(Action.DONE, step.value)
-    if step is Step.MIGRATING and seen.qemu is Qemu.GONE and seen.state_complete:
+    if step in SAVING and seen.qemu is Qemu.GONE and seen.state_complete:
         return _d(Action.MARK, "its QEMU is gone after a complete save", Step.SAVED)
     if step in COMPLETE:
         if seen.qemu is Qemu.GONE:
@@ -294,7 +302,7 @@ def _commit(f: Facts, seen: Seen, anyway: bool) -> Decision:
     # The kexec goes ahead and this VM was not saved (its save failed and was undone).
     if seen.qemu is Qemu.GONE:
         return _d(Action.LOST, f"its QEMU is gone and it was never saved ({step.value})")
-    if step in (Step.SUSPENDING, Step.MIGRATING, Step.RESUMING):
+    if step in (Step.SUSPENDING, *SAVING, Step.RESUMING):
         # Not back yet: put it back first, then shut it down.
         back = _put_back(f, seen)
         if not back.final:

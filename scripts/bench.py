@@ -4,12 +4,13 @@ Everything is measured in one run, against references taken on the same disk in 
 run (this machine is shared and noisy, so only ratios carry over):
 
 1. Copied RAM: a 2 GiB guest with 1.5 GiB of random data in a tmpfs, saved by cprd three
-   times ("saving" to "saved", fsync included), each followed by `dd oflag=direct` of as
-   many bytes to the same directory. After the first save the guest is resumed and saved
-   over QMP with QEMU's defaults as CPR.rst uses them (mode cpr-reboot only: 128 MiB/s
-   max-bandwidth, no mapped-ram), then with cprd's settings but no direct-io. The other
-   two saves are committed and restored by cprd from a cold page cache ("launching" to
-   "restored"), each vs a cold `dd iflag=direct` read of the same state file. Repeated
+   times ("live" or "saving" to "saved", fsync included: the guest is saved live), each
+   followed by `dd oflag=direct` of as many bytes to the same directory. After the first
+   save the guest is resumed and saved over QMP with QEMU's defaults as CPR.rst uses them
+   (mode cpr-reboot only: 128 MiB/s max-bandwidth, no mapped-ram), then with cprd's
+   settings but no direct-io. The other two saves are committed and restored by cprd from
+   a cold page cache ("launching" to "restored"), each vs a cold `dd iflag=direct` read of
+   the same state file. Repeated
    figures are compared best against best (interference on a shared machine only adds).
    Before the first save state_dir's bandwidth is measured as `cprdctl check --measure`
    does, and `cprdctl check`'s prediction (stopped time, restore time) is printed beside
@@ -25,6 +26,9 @@ run (this machine is shared and noisy, so only ratios carry over):
    overhead.
 3. Parallel: the whole Saver.prepare for 1, 2, 4 and 8 small guests (128 MiB, no fill),
    as a ratio to one guest.
+5. Live vs stop-first: a 1 GiB guest holding 512 MiB that keeps rewriting 64 MiB, saved
+   stop-first (cpr-reboot) and live (normal mode) alternately, three times each: the time
+   it is stopped, from its STOP event to its state and the manifest fsynced.
 
 Prints a table, then as its last line one JSON object with every figure.
 Run as root (drop_caches, QEMU): `make bench` or `.venv/bin/python scripts/bench.py`.
@@ -35,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -100,6 +105,12 @@ class Clock:
 
     def span(self, name: str, start: str, end: str) -> float:
         return self.t[(name, end)] - self.t[(name, start)]
+
+    def save_span(self, name: str) -> float:
+        """The whole save: from "live" (a live save begins while the VM runs) or
+        "saving" (stopped) to "saved"."""
+        begun = min(self.t[(name, p)] for p in ("live", "saving") if (name, p) in self.t)
+        return self.t[(name, "saved")] - begun
 
 
 # --- the machine ------------------------------------------------------------------------
@@ -413,7 +424,7 @@ async def case_copied(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) 
             state = Path(rec.state_file)
             info = await qmp_once(vm.test_qmp_path, "query-migrate")
             s: dict[str, Any] = {
-                "seconds": clock.span("big", "saving", "saved"),
+                "seconds": clock.save_span("big"),
                 "stopped_s": stopped,
                 "qemu_total_ms": info.get("total-time"),
                 "allocated_bytes": allocated(state),
@@ -581,9 +592,7 @@ async def case_parallel(root: Path, image: tuple[Path, Path], vms: list[GuestVM]
             for _ in range(PARALLEL_REPS):
                 manifest, clock, prepare_s, _ = await timed_prepare(cfg, inventory)
                 runs.setdefault(count, []).append(prepare_s)
-                saves.setdefault(count, []).append(
-                    max(clock.span(vm.name, "saving", "saved") for vm in chosen)
-                )
+                saves.setdefault(count, []).append(max(clock.save_span(vm.name) for vm in chosen))
                 written[count] = sum(allocated(Path(r.state_file)) for r in manifest.vms)
                 await Saver(cfg, inventory).resume()
                 for vm in chosen:
@@ -654,6 +663,127 @@ async def case_upgrade(root: Path, image: tuple[Path, Path], vms: list[GuestVM])
 
 
 # --- output -----------------------------------------------------------------------------
+
+
+# --- live vs stop-first (issue 15 item 1) -----------------------------------------------
+
+LIVE_MEM_MIB = 1024
+LIVE_FILL_MIB = 512
+LIVE_DIRTY_MIB = 64
+LIVE_ROUNDS = 3
+
+
+def _note_saved(into: dict[str, float], name: str, phase: str, _d: int, _t: int) -> None:
+    if phase == "saved":
+        into[name] = time.time()
+
+
+async def _stops(client: QMPClient, into: list[float]) -> None:
+    """Append the wall-clock stamp of every STOP event the client receives."""
+    with client.listener("STOP") as listener:
+        async for event in listener:
+            stamp = event["timestamp"]
+            into.append(stamp["seconds"] + stamp["microseconds"] / 1e6)
+
+
+async def case_live(root: Path, image: tuple[Path, Path], vms: list[GuestVM]) -> dict[str, Any]:
+    """A copied VM whose guest keeps rewriting memory, saved stop-first (save.live: never,
+    cpr-reboot) and live (normal mode), alternately: per save, the time it is stopped,
+    from its STOP event (QEMU's stamp) to its state file and the manifest fsynced (cprd's
+    progress callback "saved", called right after the step saved is written)."""
+    say(
+        f"case live: booting a {LIVE_MEM_MIB} MiB guest holding {LIVE_FILL_MIB} MiB, "
+        f"rewriting {LIVE_DIRTY_MIB} MiB in a loop"
+    )
+    spec = GuestSpec("live", mem_mib=LIVE_MEM_MIB, fill_mib=LIVE_FILL_MIB, dirty_mib=LIVE_DIRTY_MIB)
+    vms += start_guests([spec], root, image, 600)
+    vm = vms[-1]
+    r: dict[str, Any] = {"mem_mib": LIVE_MEM_MIB, "fill_mib": LIVE_FILL_MIB}
+    r["dirty_mib"] = LIVE_DIRTY_MIB
+    runs: dict[str, list[dict[str, Any]]] = {"stop-first": [], "live": []}
+    for n in range(LIVE_ROUNDS):
+        for mode, live in (("stop-first", "never"), ("live", "auto")):
+            path = root / f"cprd-live-{mode}.yaml"
+            path.write_text(
+                f"state_dir: {root}/state-live\n"
+                f"discovery: {{qmp_sockets: ['{vm.qmp_path}']}}\n"
+                f"save: {{live: {live}}}\n"
+            )
+            cfg = config.load(path)
+            saved: dict[str, float] = {}
+            progress = functools.partial(_note_saved, saved)
+            stops: list[float] = []
+            # The test monitor serves one client: the one that hears STOP asks too.
+            client = QMPClient("bench-live")
+            await asyncio.wait_for(client.connect(str(vm.test_qmp_path)), QMP_TIMEOUT)
+            watch = asyncio.create_task(_stops(client, stops))
+            inventory = Inventory(cfg)
+            try:
+                start = time.time()
+                manifest = await Saver(cfg, inventory, progress).prepare()
+                await asyncio.sleep(0.1)
+                info = await asyncio.wait_for(client.execute("query-migrate"), QMP_TIMEOUT)
+                rec = manifest.vms[0]
+                x = {
+                    "stopped_s": saved["live"] - stops[0],
+                    "save_s": saved["live"] - start,
+                    "stops": len(stops),
+                    "qemu_downtime_ms": info.get("downtime"),
+                    "mode": rec.settings.parameters["mode"],
+                    "bytes": rec.state_size,
+                }
+                runs[mode].append(x)
+                say(
+                    f"  round {n + 1} {mode} ({x['mode']}): stopped "
+                    f"{x['stopped_s'] * 1000:.0f} ms of a {x['save_s']:.2f} s prepare "
+                    f"(QEMU downtime {x['qemu_downtime_ms']} ms)"
+                )
+                await Saver(cfg, inventory).resume()
+            finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
+                await client.disconnect()
+                await inventory.close()
+            await wait_running(vm.test_qmp_path)
+    vm.cleanup()
+    r["runs"] = runs
+    r["stop_first_stopped_s"] = min(x["stopped_s"] for x in runs["stop-first"])
+    r["live_stopped_s"] = min(x["stopped_s"] for x in runs["live"])
+    r["ratio_live_to_stop_first"] = r["live_stopped_s"] / r["stop_first_stopped_s"]
+    return r
+
+
+def live_rows(c: dict[str, Any]) -> list[tuple[str, str, str]]:
+    ms = ", ".join
+    runs = c["runs"]
+    ratio = c["ratio_live_to_stop_first"]
+    return [
+        (
+            "5 live",
+            "guest RAM / data / rewritten in a loop",
+            f"{c['mem_mib']} / {c['fill_mib']} / {c['dirty_mib']} MiB",
+        ),
+        (
+            "",
+            f"stopped, stop-first (cpr-reboot) x{len(runs['stop-first'])}",
+            ms(f"{x['stopped_s'] * 1000:.0f}" for x in runs["stop-first"]) + " ms",
+        ),
+        (
+            "",
+            f"stopped, live (normal) x{len(runs['live'])}",
+            ms(f"{x['stopped_s'] * 1000:.0f}" for x in runs["live"])
+            + " ms (QEMU downtime "
+            + ms(str(x["qemu_downtime_ms"]) for x in runs["live"])
+            + " ms)",
+        ),
+        (
+            "",
+            "RATIO live / stop-first stopped time",
+            f"{ratio:.2f}  (best vs best; STOP event to state + manifest fsynced; "
+            f"target <= 0.2: {mark(ratio <= 0.2)})",
+        ),
+    ]
 
 
 def mark(ok: bool) -> str:
@@ -851,6 +981,9 @@ def table(results: dict[str, Any]) -> list[str]:
             ("", "blackout, file path (private RAM)", f"{u['file_blackout_s'] * 1000:.0f} ms"),
             ("", "RATIO file / cpr-transfer", f"{u['ratio_file_to_transfer']:.1f}x"),
         ]
+    lv = results.get("live")
+    if lv:
+        rows += live_rows(lv)
     w = (12, 38)
     lines = [f"{'case':<{w[0]}} {'figure':<{w[1]}} value", "-" * 100]
     lines += [f"{a:<{w[0]}} {b:<{w[1]}} {v}" for a, b, v in rows]
@@ -867,7 +1000,7 @@ def rounded(obj: Any) -> Any:
     return obj
 
 
-CASES = ("copied", "libvirt", "in_place", "parallel", "upgrade")
+CASES = ("copied", "libvirt", "in_place", "parallel", "upgrade", "live")
 
 
 async def run_all(
@@ -885,6 +1018,8 @@ async def run_all(
             results["parallel"] = await case_parallel(root, image, vms)
         if "upgrade" in only:
             results["upgrade"] = await case_upgrade(root, image, vms)
+        if "live" in only:
+            results["live"] = await case_live(root, image, vms)
     finally:
         for vm in vms:
             with contextlib.suppress(Exception):

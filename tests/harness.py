@@ -2,7 +2,8 @@
 
 The guest is built by tests/guest/build.sh: a Debian kernel with a busybox initramfs that
 runs qemu-ga on the virtio-serial port (or, with ``GuestSpec.agent_mode``, a hostile shell
-agent), optionally fills ``cprd.fill=<MiB>`` of tmpfs with random data, prints
+agent), optionally fills ``cprd.fill=<MiB>`` of tmpfs with random data (and keeps
+rewriting ``cprd.dirty=<MiB>``), prints
 ``cprd-guest-ready`` and then ``cprd-tick N`` (N = 1, 2, ...) once a second on its serial
 console, which QEMU writes to ``<dir>/serial.log``.
 
@@ -83,6 +84,8 @@ class GuestSpec:
     mem_mib: int = 128
     machine: str = "q35"  # or "pc"
     fill_mib: int = 0
+    #: MiB of guest memory the guest keeps rewriting (build.sh, cprd.dirty=)
+    dirty_mib: int = 0
     agent: bool = True
     #: None: the real qemu-ga. Otherwise a hostile shell agent in the guest (tests/guest/
     #: build.sh, cprd.agent=): "longline", "endless", "deep", "errint", "badutf8" or
@@ -215,6 +218,8 @@ class GuestVM:
         # no_timer_check: under a loaded TCG host the kernel's IO-APIC timer check can
         # miss ticks and panic ("IO-APIC + timer doesn't work"); seen here under load.
         append = f"console=ttyS0 quiet no_timer_check cprd.fill={spec.fill_mib}"
+        if spec.dirty_mib:
+            append += f" cprd.dirty={spec.dirty_mib}"
         if spec.agent_mode is not None:
             if spec.agent_mode not in AGENT_MODES:
                 raise ValueError(f"unknown agent_mode {spec.agent_mode!r} (one of {AGENT_MODES})")

@@ -68,16 +68,16 @@ def test_cprdctl_cycle_over_the_bus(
         "WRITE",
     ]
     assert lines[2].split()[:6] == ["db", "running", "128", "MiB", "shared-persistent", "-"]
-    assert "save (RAM in place)" in lines[2] and "save (RAM copied)" in lines[3]
+    assert "save (RAM in place)" in lines[2] and "save live (RAM copied)" in lines[3]
     check = daemon.ctl("check")
     unmeasured = "times not measured; run `cprdctl check --measure` as root"
     assert check.returncode == 0 and check.stdout.splitlines() == [
         "db: save (RAM in place): ok",
         "  QEMU-only upgrade: file (-machine aux-ram-share=on is not set: saved to a file instead)",
         f"  predicted (in-place): write 1 MiB; {unmeasured}",
-        "web: save (RAM copied): ok",
+        "web: save live (RAM copied): ok",
         "  QEMU-only upgrade: file (RAM not shareable (pc.ram): saved to a file instead)",
-        f"  predicted (stop-first): write 144 MiB; {unmeasured}",
+        f"  predicted (live): write 144 MiB; {unmeasured}",
         f"host (2 VMs): write 145 MiB; {unmeasured}",
     ]
 

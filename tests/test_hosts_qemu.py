@@ -340,7 +340,7 @@ async def test_real_libvirt_refused(
         assert code == 1
         (line,) = out.splitlines()
         assert line.startswith(
-            "lv: save (RAM copied): run by libvirt (argv uses "
+            "lv: save live (RAM copied): run by libvirt (argv uses "
             "/var/lib/libvirt/qemu/domain-1-lv): cprd cannot bring it back "
             "under libvirt; use libvirt's managed save (`virsh managedsave "
             "lv`) instead; argv passes fd "

@@ -203,14 +203,14 @@ def test_prepare_and_resume_write_the_metrics_file(
         assert measured.returncode == 0, measured.stderr + daemon.log.read_text()[-3000:]
         lines = measured.stdout.splitlines()
         assert re.fullmatch(
-            r"  predicted \(stop-first\): write \d+ MiB, stopped \d+ ms, restore \d+ ms",
-            lines[lines.index("web: save (RAM copied): ok") + 2],
+            r"  predicted \(live\): write \d+ MiB, stopped \d+ ms, restore \d+ ms",
+            lines[lines.index("web: save live (RAM copied): ok") + 2],
         ), lines
         assert re.fullmatch(r"host \(2 VMs\): write \d+ MiB, longest stop .*", lines[-1]), lines
         doc = json.loads(daemon.ctl("check", "--json", user=member).stdout)
         pred = {c["name"]: c["prediction"] for c in doc["check"]}
         assert pred["web"]["measured"] and pred["web"]["write_bps"] > 2**20
-        assert pred["db"]["mode"] == "in-place" and pred["web"]["mode"] == "stop-first"
+        assert pred["db"]["mode"] == "in-place" and pred["web"]["mode"] == "live"
         assert pred["web"]["host_bytes"] == pred["web"]["bytes"] + pred["db"]["bytes"]
 
         assert not prom.exists()
@@ -263,3 +263,15 @@ def test_one_shot_commands_write_the_metrics_file(
     assert value(s, "cprd_last_operation", operation="resume", result="ok") == 1
     assert value(s, "cprd_last_operation_vms_ok") == 1
     assert web.runstate() == "running"
+
+
+def test_a_live_saves_stopped_time_starts_at_its_stop() -> None:
+    """A live save runs while ``migrating``: only ``stopping`` to ``saved`` is stopped."""
+    live = record(Step.SAVED).replace(
+        history=(
+            ("migrating", "2026-12-01T10:00:00.000+00:00"),
+            ("stopping", "2026-12-01T10:00:02.000+00:00"),
+            ("saved", "2026-12-01T10:00:02.040+00:00"),
+        )
+    )
+    assert metrics.vm_figures("prepare", live).stopped_s == 0.04

@@ -64,6 +64,7 @@ def test_phase_lines() -> None:
     assert [s.value for s in Step if held(record(s))] == [
         "suspending",
         "migrating",
+        "stopping",
         "saved",
         "resuming",
         "reloading",

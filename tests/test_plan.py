@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from cprd import plan
-from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
+from cprd.config import InPlace, Live, SaveSettings, Suspend, VMSettings
 from cprd.vm import Backend, MemClass, ProcIdentity, VMFacts, classify, fstype_of, vm_name
 
 CAPS_10 = ("xbzrle", "x-ignore-shared", "multifd", "mapped-ram", "postcopy-ram")
@@ -88,13 +88,54 @@ def test_private_ram_is_copied_with_the_fast_settings() -> None:
         "mapped-ram": True,
         "multifd": True,
     }
+    # A running VM whose RAM is copied is saved live (issue 15 item 1).
     assert dict(p.settings.parameters) == {
+        "mode": "normal",
+        "downtime-limit": 1,
+        "avail-switchover-bandwidth": 2**20,
+        "max-bandwidth": 2**63 - 1,
+        "multifd-channels": 4,
+        "direct-io": True,
+    }
+    assert p.live and p.settings.mode is plan.SaveMode.NORMAL
+    assert p.action == "save live (RAM copied)"
+    assert p.bytes_to_write == 2**30 + plan.STATE_OVERHEAD
+    never = plan.plan_vm(facts(), VMSettings(), SaveSettings(live=Live.NEVER), "ext4")
+    assert dict(never.settings.parameters) == {
         "mode": "cpr-reboot",
         "max-bandwidth": 2**63 - 1,
         "multifd-channels": 4,
         "direct-io": True,
     }
-    assert p.bytes_to_write == 2**30 + plan.STATE_OVERHEAD
+    assert not never.live and never.action == "save (RAM copied)"
+
+
+def test_save_mode_is_live_only_for_a_running_vm_whose_ram_is_copied() -> None:
+    """Stop-first (cpr-reboot) for a VM suspended first (VFIO, suspend: always), one
+    whose RAM stays in place, one not running, an old QEMU, a live migration blocked,
+    or save.live: never; live (normal) otherwise."""
+    vm, save = VMSettings(), SAVE
+    normal, cpr = plan.SaveMode.NORMAL, plan.SaveMode.CPR_REBOOT
+    assert plan.save_mode(facts(), vm, save)[0] is normal
+    cases: list[tuple[VMFacts, VMSettings, SaveSettings, tuple[str, ...], str]] = [
+        (facts(), vm, SaveSettings(live=Live.NEVER), (), "save.live: never"),
+        (facts(runstate="paused"), vm, save, (), "runstate 'paused'"),
+        (facts(runstate="suspended"), vm, save, (), "runstate 'suspended'"),
+        (facts(vfio_devices=("hostdev0",)), vm, save, (), "suspended first"),
+        (facts(), VMSettings(suspend=Suspend.ALWAYS), save, (), "suspended first"),
+        (facts(backends=(DISK_FILE,)), vm, save, (), "RAM stays in place"),
+        (facts(qemu_version=(8, 2, 0)), vm, save, (), "no mapped-ram"),
+        (facts(migration_capabilities=("x-ignore-shared",)), vm, save, (), "no mapped-ram"),
+        (facts(), vm, save, ("a device blocks it",), "live migration blocked"),
+    ]
+    for f, v, s, blockers, why in cases:
+        mode, text = plan.save_mode(f, v, s, blockers)
+        assert mode is cpr and why in text, (f, v, s, blockers, text)
+    # Copied shared memory that does not survive a reboot (memfd) is saved live.
+    assert plan.save_mode(facts(backends=(MEMFD,)), vm, save)[0] is normal
+    # The recorded mode of a manifest from before live saves: cpr-reboot.
+    old = plan.MigrationSettings({}, {"max-bandwidth": 1})
+    assert old.mode is cpr and not old.live
 
 
 def test_no_direct_io_on_tmpfs_state_dir() -> None:

@@ -178,3 +178,9 @@ async def test_measure_is_root_only_even_when_the_bus_lets_a_member_through(
             assert pr.load(vm_dir_root / "state") is not None
         finally:
             stop_daemon(daemon)
+
+
+def test_the_prediction_follows_the_plans_mode() -> None:
+    assert pr.save_mode(in_place=True, live=False) is pr.SaveMode.IN_PLACE
+    assert pr.save_mode(in_place=False, live=True) is pr.SaveMode.LIVE
+    assert pr.save_mode(in_place=False, live=False) is pr.SaveMode.STOP_FIRST

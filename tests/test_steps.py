@@ -118,6 +118,27 @@ def test_lost_only_when_neither_qemu_nor_complete_state() -> None:
             assert not (seen.state_complete and f.step in COMPLETE), (f, seen, intent, d)
 
 
+def test_a_live_save_under_way_is_cancelled_and_its_vm_never_stopped() -> None:
+    """A save under way (migrating, or stopping for the last pass of a live save) while
+    the VM runs: putting it back cancels the migration, and nothing in decide() stops
+    the VM (no quit, kill, reload or shutdown) on the way back."""
+    for f, seen, intent in ALL:
+        if f.step not in (Step.MIGRATING, Step.STOPPING) or seen.qemu is not Qemu.UP:
+            continue
+        d = decide(f, seen, intent)
+        if intent is Intent.PUT_BACK and seen.migration in ("setup", "active"):
+            assert d.action is Action.CANCEL, (f, seen, d)
+        if intent is not Intent.COMMIT_ANYWAY and not f.shutdown_asked:
+            assert d.action not in (Action.QUIT, Action.KILL, Action.RELOAD, Action.SHUTDOWN)
+    # Stopped by cprd for its last pass, then the migration failed: continued.
+    stopped = Facts(Step.STOPPING, "running", False)
+    for mig in ("failed", "cancelled"):
+        d = decide(stopped, Seen(Qemu.UP, "paused", mig), Intent.PUT_BACK)
+        assert (d.action, d.to) == (Action.CONT, Step.RESUMING)
+    done = decide(stopped, Seen(Qemu.UP, "postmigrate", "completed"), Intent.PUT_BACK)
+    assert (done.action, done.to) == (Action.FINISH_SAVE, Step.SAVED)
+
+
 def test_commit_that_can_be_stopped_never_commits_a_vm_that_runs() -> None:
     for f, seen, intent in ALL:
         if intent is not Intent.COMMIT:
@@ -155,6 +176,8 @@ class Model:
                 self.runstate = self.facts.runstate_before
             elif self.runstate == "postmigrate":
                 self.runstate = "paused"
+            # A live save stopped by cprd (paused) stays paused: QEMU restarts only a VM
+            # that ran when its last pass began; a running one runs on.
         elif a is Action.FINISH_SAVE:
             self.complete = True
         elif a is Action.CONT:
@@ -185,12 +208,22 @@ START = {
     Step.SUSPENDING: [("running", "none", False), ("suspended", "none", False)],
     Step.MIGRATING: [
         ("running", "setup", False),
+        ("running", "active", False),  # a live save, in its live phase
         ("finish-migrate", "active", False),
         ("postmigrate", "active", False),
         ("postmigrate", "completed", False),
         ("postmigrate", "completed", True),
         ("running", "failed", False),
         ("suspended", "cancelled", False),
+    ],
+    Step.STOPPING: [  # a live save: cprd is stopping the VM for the last pass
+        ("running", "active", False),
+        ("paused", "active", False),
+        ("finish-migrate", "active", False),
+        ("postmigrate", "completed", False),
+        ("postmigrate", "completed", True),
+        ("paused", "failed", False),
+        ("running", "cancelled", False),
     ],
     Step.SAVED: [("postmigrate", "completed", True)],
     Step.RESUMING: [("postmigrate", "completed", True), ("running", "completed", True)],

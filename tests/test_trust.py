@@ -460,7 +460,7 @@ def test_planted_socket_is_refused_and_nothing_is_run(
             assert time.monotonic() < deadline, (check.stdout, check.stderr)
             time.sleep(0.5)
         assert check.returncode == 1
-        assert check.stdout.splitlines()[0] == "good: save (RAM copied): ok"
+        assert check.stdout.splitlines()[0] == "good: save live (RAM copied): ok"
         status = json.loads(daemon.ctl("status", "--json").stdout)
         assert [vm["name"] for vm in status["vms"]] == ["good"]
         refused = [c for c in status["check"] if c["name"] == str(sock)]

@@ -29,6 +29,9 @@
 #     Other commands (guest-suspend-ram) get no reply; each request is logged on ttyS0.
 #     Without the argument (the default) the guest runs the real qemu-ga.
 #   - kernel argument cprd.fill=<MiB>: fills a tmpfs with that much /dev/urandom data
+#   - kernel argument cprd.dirty=<MiB>: keeps rewriting that much guest memory (a tmpfs
+#     file copied over from a random pattern, in a loop, forever), so that a live save
+#     always finds pages dirtied since its last pass
 #   - prints `cprd-guest-ready`, then `cprd-tick N` (N = 1, 2, ...) every second, forever,
 #     on /dev/ttyS0.
 set -euo pipefail
@@ -93,7 +96,7 @@ log "kernel version: $KVER"
 
 # --- initramfs tree ------------------------------------------------------------------
 ROOT="$WORK/root"
-mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,var,fill,etc,lib/modules}
+mkdir -p "$ROOT"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,var,fill,dirty,etc,lib/modules}
 ln -s ../run "$ROOT/var/run"
 chmod 1777 "$ROOT/tmp"
 
@@ -289,10 +292,12 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
 done
 
 fill=0
+dirty=0
 agent_mode=
 for arg in $(cat /proc/cmdline); do
 	case $arg in
 	cprd.fill=*) fill=${arg#cprd.fill=} ;;
+	cprd.dirty=*) dirty=${arg#cprd.dirty=} ;;
 	cprd.agent=*) agent_mode=${arg#cprd.agent=} ;;
 	esac
 done
@@ -331,6 +336,14 @@ fi
 if [ "$fill" -gt 0 ] 2>/dev/null; then
 	mount -t tmpfs -o size=$((fill + 4))m tmpfs /fill
 	dd if=/dev/urandom of=/fill/data bs=1M count=$fill 2>/dev/null || say "cprd-guest: fill failed"
+fi
+
+if [ "$dirty" -gt 0 ] 2>/dev/null; then
+	mount -t tmpfs -o size=$((2 * dirty + 4))m tmpfs /dirty
+	dd if=/dev/urandom of=/dirty/pattern bs=1M count=$dirty 2>/dev/null || say "cprd-guest: dirty failed"
+	(while :; do dd if=/dirty/pattern of=/dirty/data bs=1M conv=notrunc 2>/dev/null; done) &
+	renice -n 19 -p $! >/dev/null # the ticks and the agent go first
+	say "cprd-guest: dirtying $dirty MiB"
 fi
 
 say cprd-guest-ready
