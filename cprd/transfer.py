@@ -140,12 +140,34 @@ def socket_dir(
 def hand_over(directory: Path, name: str, owner: ProcessContext | None) -> None:
     """Give socket ``name`` in ``directory`` to the QEMU's user: a QEMU that drops root
     itself creates its cpr socket before it drops, as root, and the old QEMU (that
-    user) must be able to connect to it.  No symlink is followed."""
+    user) must be able to connect to it.
+
+    ``directory`` is that user's: by the time cprd looks, the user may have put there a
+    symlink, or a hard link to a file or socket of root's, under ``name``.  So the entry
+    is opened without following a symlink and changed through that descriptor only if it
+    is a socket with no other name (one link), owned by root (made by the new QEMU
+    before it dropped root) or by the user already; anything else is refused
+    (LaunchError) and left as it is."""
     if owner is None or owner.uid == 0:
         return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.chown(name, owner.uid, owner.gid, dir_fd=fd, follow_symlinks=False)
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (0, owner.uid):
+            raise LaunchError(
+                f"{directory / name} is not the new QEMU's socket (mode "
+                f"{stat.filemode(st.st_mode)}, uid {st.st_uid}, {st.st_nlink} links): "
+                f"not given to uid {owner.uid}",
+                f"something of uid {owner.uid} replaced it; check the host",
+            )
+        if (st.st_uid, st.st_gid) != (owner.uid, owner.gid):
+            # An O_PATH descriptor cannot be fchown'ed; its /proc link leads to exactly
+            # the inode checked above, whatever the name points at by now.
+            os.chown(f"/proc/self/fd/{fd}", owner.uid, owner.gid)
     finally:
         os.close(fd)
 

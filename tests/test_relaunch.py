@@ -5,6 +5,7 @@ environment a QEMU comes back.  The decisions over plain data first, then real g
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from test_manifest import record
 
 from cprd import config
 from cprd import manifest as mf
-from cprd.errors import ManifestError, RestoreError
+from cprd.errors import LaunchError, ManifestError, RestoreError
 from cprd.hosts import (
     LEGACY_RUN_AS,
     RELAUNCH_PATH,
@@ -451,14 +452,30 @@ def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (NOBODY, NOBODY, 0o700)
     assert (pst.st_uid, stat.S_IMODE(pst.st_mode)) == (0, 0o711)
     assert path.parent == parent and path.name.startswith("web-")
-    (path / "cpr.sock").write_text("")
-    target = tmp_path / "roots"  # a root-owned file the symlink points at (never a system one)
+    with socket.socket(socket.AF_UNIX) as sock:  # as the new QEMU makes it, as root
+        sock.bind(str(path / "cpr.sock"))
+    hand_over(path, "cpr.sock", owner)
+    st = os.lstat(path / "cpr.sock")
+    assert (stat.S_ISSOCK(st.st_mode), st.st_uid, st.st_gid) == (True, NOBODY, NOBODY)
+    hand_over(path, "cpr.sock", owner)  # the user's already: nothing to do
+    # What the directory's user can put there instead (a hard link needs
+    # fs.protected_hardlinks=0, made here by root): each refused, its target left root's.
+    target = tmp_path / "roots"  # a root-owned file (never a system one)
     target.write_text("")
     (path / "link").symlink_to(target)
-    hand_over(path, "cpr.sock", owner)
-    hand_over(path, "link", owner)
-    assert os.stat(path / "cpr.sock").st_uid == NOBODY
-    assert os.stat(target).st_uid == 0
+    os.link(target, path / "hard")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "root.sock"))
+    os.link(tmp_path / "root.sock", path / "hardsock")
+    for name, what in (
+        ("link", "mode l"),
+        ("hard", "mode -"),
+        ("hardsock", "uid 0, 2 links"),
+    ):
+        with pytest.raises(LaunchError, match=f"is not the new QEMU's socket.*{what}"):
+            hand_over(path, name, owner)
+    assert os.lstat(path / "link").st_uid == 0
+    assert [os.stat(p).st_uid for p in (target, tmp_path / "root.sock")] == [0, 0]
     parent.chmod(0o777)
     with pytest.raises(Exception, match="only root may write"):
         socket_dir("web", owner, state, parent)
