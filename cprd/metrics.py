@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import re
@@ -198,27 +199,41 @@ def render(report: Report) -> str:
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` with ``data``: a temp file beside it, fsync, chmod, rename, fsync
-    of the directory.  A reader sees the old file or the new one, never a part."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    of the directory.  A reader sees the old file or the new one, never a part.
+
+    Root writes this into a directory another user may own (node_exporter's): the
+    directory is opened once, and refused (OSError) unless it is the one ``path`` names,
+    absolute and with no symlink on the way (its user could otherwise point it at
+    another directory, as /etc/cron.d, and have root create a file there); the temp
+    file, the rename and the fsync all go through that descriptor, the temp file is
+    created without following a symlink and never replaces one."""
+    parent = str(path.parent)
+    dfd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        real = os.readlink(f"/proc/self/fd/{dfd}")
+        if real != os.path.normpath(parent) or not os.path.isabs(parent):
+            raise OSError(
+                errno.ELOOP, f"{parent} is not a directory of that name but {real}: refused"
+            )
+        tmp = f".{path.name}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, mode, dir_fd=dfd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fchmod(fd, mode)  # whatever the umask
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fchmod(fd, mode)  # whatever the umask
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
         os.fsync(dfd)
     finally:
         os.close(dfd)

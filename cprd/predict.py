@@ -190,7 +190,8 @@ def load(state_dir: Path) -> Bandwidth | None:
 
 def store(state_dir: Path, bandwidth: Bandwidth) -> None:
     data = json.dumps(bandwidth.to_dict(), indent=1) + "\n"
-    write_atomic(state_dir / CACHE_NAME, data.encode(), 0o600)
+    # state_dir is root's (mf.ensure_state_dir); write_atomic wants its real path.
+    write_atomic(Path(os.path.realpath(state_dir)) / CACHE_NAME, data.encode(), 0o600)
 
 
 def measure(state_dir: Path, probe_bytes: int = PROBE_BYTES) -> Bandwidth:

@@ -167,6 +167,31 @@ def test_write_replaces_the_file_atomically_mode_0644(tmp_path: Path) -> None:
     assert value(parse(path.read_text()), "cprd_last_operation", operation="commit", result="ok")
 
 
+def test_write_follows_no_symlinked_directory(tmp_path: Path) -> None:
+    """The metrics file's directory may be another user's (node_exporter's): swapped for
+    a symlink to another directory (as /etc/cron.d), it is refused and nothing is
+    written there; a symlink at the file's own name is replaced, never followed."""
+    elsewhere = tmp_path / "elsewhere"  # stands for /etc/cron.d
+    elsewhere.mkdir()
+    (tmp_path / "textfiles").symlink_to(elsewhere)
+    report = metrics.Report("commit", True, 1.0, 0.5)
+    (elsewhere / "sub").mkdir()
+    with pytest.raises(NotADirectoryError):  # the directory's own name: O_NOFOLLOW
+        metrics.write(tmp_path / "textfiles" / "cprd.prom", report)
+    with pytest.raises(OSError, match=f"is not a directory of that name but {elsewhere}/sub"):
+        metrics.write(tmp_path / "textfiles" / "sub" / "cprd.prom", report)
+    assert os.listdir(elsewhere) == ["sub"] and os.listdir(elsewhere / "sub") == []
+    real = tmp_path / "real"
+    real.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("root's\n")
+    (real / "cprd.prom").symlink_to(victim)
+    metrics.write(real / "cprd.prom", report)
+    assert victim.read_text() == "root's\n"
+    assert not (real / "cprd.prom").is_symlink()
+    assert sorted(os.listdir(real)) == ["cprd.prom"]
+
+
 def test_record_never_fails_the_operation(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     missing = tmp_path / "no-such-dir" / "cprd.prom"
     metrics.record(missing, tmp_path / "manifest.yaml", "prepare", True, 1.0)
