@@ -16,6 +16,7 @@ from typing import Any
 from cprd.config import InPlace, SaveSettings, Suspend, VMSettings
 from cprd.hosts import manager_of, replay_problems
 from cprd.trust import dropped_uid
+from cprd.units import cgroup_unit, decide_unit
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -175,6 +176,11 @@ def plan_vm(facts: VMFacts, vm: VMSettings, save: SaveSettings, state_fstype: st
     if managed is not None:
         problems.append(managed.problem())
     problems.extend(replay_problems(facts.argv))
+    unit = decide_unit(cgroup_unit(facts.cgroup), facts.pid, facts.unit_info)
+    if unit.note:
+        notes.append(unit.note)
+    if unit.problem:
+        problems.append(unit.problem)
     uid = facts.identity.uids[0] if facts.identity is not None else 0
     if uid != 0 and dropped_uid(facts.argv) != uid:
         # Relaunching as that user (issue 13 item 2) is not built yet: a restore would

@@ -50,6 +50,7 @@ from cprd.qmp import QMPConnection
 from cprd.restore import Restorer
 from cprd.settle import Settled, Settler, alive, settle_all, wait_exit
 from cprd.steps import Action, Intent, Step
+from cprd.units import cgroup_unit, decide_unit
 from cprd.vm import fstype_of
 
 logger = logging.getLogger(__name__)
@@ -342,6 +343,7 @@ class Saver:
             exe_dev=f.binary[0] if f.binary else None,
             exe_ino=f.binary[1] if f.binary else None,
             disks=tuple(DiskImage(path) for path in f.block_files),
+            unit=decide_unit(cgroup_unit(f.cgroup), f.pid, f.unit_info).unit,
         )
         return _Work(handle, plan, record)
 
