@@ -52,11 +52,14 @@ UINT64_MAX = 2**64 - 1
 TRANSIENT_PROPERTIES: Mapping[str, str] = {
     "Description": "s",
     "Slice": "s",
+    "Before": "as",  # e.g. Before=cprd-kexec-guard.service, as the operator guide says
+    "After": "as",
     "User": "s",
     "Group": "s",
     "WorkingDirectory": "s",
     "Environment": "as",
     "KillMode": "s",
+    "CollectMode": "s",
     "CPUWeight": "t",
     "CPUQuotaPerSecUSec": "t",
     "MemoryLow": "t",
@@ -65,8 +68,7 @@ TRANSIENT_PROPERTIES: Mapping[str, str] = {
     "MemorySwapMax": "t",
     "TasksMax": "t",
     "IOWeight": "t",
-    "LimitMEMLOCK": "t",
-    "LimitNOFILE": "t",
+    "LimitMEMLOCK": "t",  # sets the soft limit too
 }
 
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@\\-]{1,250}\.(service|scope)")
