@@ -91,6 +91,31 @@ def generate(
     return out
 
 
+def unmounted_mount_point(path: str, fstab: str, mountinfo: str) -> str | None:
+    """The /etc/fstab mount point holding ``path`` that is not mounted (pure); None when
+    every file system on its way is mounted (or is not in fstab)."""
+    mounted = {ln.split()[4] for ln in mountinfo.splitlines() if len(ln.split()) > 4}
+    best = None
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#") or not fields[1].startswith("/"):
+            continue
+        point = fields[1].rstrip("/") or "/"
+        inside = point != "/" and (path == point or path.startswith(point + "/"))
+        if inside and (best is None or len(point) > len(best)):
+            best = point
+    return best if best is not None and best not in mounted else None
+
+
+def _unmounted(path: Path) -> str | None:
+    try:
+        fstab = Path("/etc/fstab").read_text()
+        mountinfo = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    return unmounted_mount_point(str(path), fstab, mountinfo)
+
+
 def failed_units(failed_dir: Path = Path(FAILED_DIR)) -> frozenset[str]:
     try:
         return frozenset(p.name for p in failed_dir.iterdir())
@@ -141,11 +166,12 @@ def run(
         return 0
     path = config.manifest_path
     if not path.exists():
-        if not path.parent.exists():
+        mount = _unmounted(path)
+        if mount is not None:
             # state_dir is on a file system not mounted yet: its units would cold-boot.
             say(
-                f"state_dir {path.parent} is not there (not mounted yet?): no unit of a saved "
-                "VM is held back; keep state_dir on the root file system"
+                f"manifest {path} is on {mount}, not mounted yet: no unit of a saved VM is "
+                "held back; keep state_dir on the root file system"
             )
         return 0
     try:
