@@ -222,8 +222,7 @@ class UnitLauncher(Launcher):
 
     @staticmethod
     async def _has_dropin(sd: Systemd, unit: str) -> bool:
-        _, _, dropins, _ = await sd.state(unit)
-        return any(Path(p).name == DROPIN_NAME for p in dropins)
+        return any(Path(p).name == DROPIN_NAME for p in (await sd.state(unit)).dropins)
 
     async def launch(
         self, name: str, executable: str, argv: list[str], unit: UnitRef | None = None
@@ -240,7 +239,7 @@ class UnitLauncher(Launcher):
                         f"{name}: {unit.name} has no cprd restore drop-in: cprd-generator did "
                         "not write one (is it installed, and is this manifest the config's?)"
                     )
-                state, _, _, _ = await sd.state(unit.name)
+                state = (await sd.state(unit.name)).active
                 if state in ("active", "activating", "reloading"):
                     raise LaunchError(f"{name}: {unit.name} is already {state}: refused")
                 self._mark(self.restoring, unit.name, True)
@@ -256,23 +255,23 @@ class UnitLauncher(Launcher):
 
     async def _main_pid(self, sd: Systemd, name: str, unit: str) -> int:
         loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + self.start_timeout
+        deadline = loop.time() + self.start_timeout
         while True:
-            state, pid, _, result = await sd.state(unit)
-            if state == "active" and pid:
-                return pid
-            # inactive: the start job not run yet, or the unit's condition unmet
-            if state == "failed" or (state == "inactive" and loop.time() - started > 5):
-                raise LaunchError(f"{name}: {unit} did not start: {state} ({result})")
+            st = await sd.state(unit)
+            if st.active == "active" and st.main_pid:
+                return st.main_pid
+            # inactive with no job: it ran and exited, or its condition was unmet; with a
+            # job: waiting for what it is ordered after (never after cprd-restore.service)
+            if st.active == "failed" or (st.active == "inactive" and not st.job):
+                raise LaunchError(f"{name}: {unit} did not start: {st.active} ({st.result})")
             if loop.time() > deadline:
                 raise LaunchError(f"{name}: {unit} not active after {self.start_timeout:g} s")
             await asyncio.sleep(0.1)
 
     async def alive(self, process: Launcher.Process) -> bool:
         async with Systemd(self.bus_address) as sd:
-            state, pid, _, _ = await sd.state(process.unit)
-        return state in ("active", "activating") and pid == process.pid
+            st = await sd.state(process.unit)
+        return st.active in ("active", "activating") and st.main_pid == process.pid
 
     def tail(self, process: Launcher.Process) -> str:
         return f"see `journalctl -u {process.unit}`"
@@ -287,8 +286,7 @@ class UnitLauncher(Launcher):
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + 30
                 while loop.time() < deadline:
-                    state, _, _, _ = await sd.state(process.unit)
-                    if state in ("inactive", "failed"):
+                    if (await sd.state(process.unit)).active in ("inactive", "failed"):
                         break
                     await asyncio.sleep(0.1)
                 with contextlib.suppress(LaunchError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cprd.errors import LaunchError
@@ -22,6 +23,15 @@ SERVICE = "org.freedesktop.systemd1.Service"
 TIMEOUT = 30.0
 #: daemon-reload re-runs every generator and reloads every unit: give it longer.
 RELOAD_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class UnitState:
+    active: str  # ActiveState
+    main_pid: int
+    dropins: tuple[str, ...]
+    result: str
+    job: bool  # a start or stop job is queued or running
 
 
 class Systemd:
@@ -112,16 +122,18 @@ class Systemd:
         props = {k: v for k, v in props.items() if k in TRANSIENT_PROPERTIES}
         return UnitInfo(name, main if isinstance(main, int) else 0, transient, props)
 
-    async def state(self, unit: str) -> tuple[str, int, tuple[str, ...], str]:
-        """(ActiveState, MainPID, DropInPaths, Result) of ``unit``."""
+    async def state(self, unit: str) -> UnitState:
+        """ActiveState, MainPID, DropInPaths, Result and the pending job of ``unit``."""
         path = await self.unit_path(unit)
         u = await self.properties(path, UNIT)
         s = await self.properties(path, SERVICE)
-        return (
+        job = u.get("Job")
+        return UnitState(
             str(u.get("ActiveState", "")),
             int(s.get("MainPID", 0) or 0),
             tuple(str(p) for p in u.get("DropInPaths", [])),
             str(s.get("Result", "")),
+            bool(job and isinstance(job, list | tuple) and job[0]),
         )
 
     async def start(self, unit: str) -> None:
