@@ -23,7 +23,14 @@ from pathlib import Path
 from cprd import manifest as mf
 from cprd import statefile
 from cprd.config import Config
-from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
+from cprd.errors import (
+    LaunchError,
+    ManifestError,
+    MonitorBusyError,
+    QMPError,
+    RestoreError,
+    TrustError,
+)
 from cprd.hosts import disk_changes, identify, replay_argv
 from cprd.launch import Launcher, UnitLauncher, make_launcher
 from cprd.log import Event, emit
@@ -212,7 +219,10 @@ class Restorer:
         ]
         try:
             if units:
-                await self.units.begin(units)
+                try:
+                    await self.units.begin(units)
+                except LaunchError as err:  # each of those VMs then fails on its own
+                    logger.warning("cannot prepare the VMs' systemd units: %s", err)
             await asyncio.gather(*(self._one(settler, name, sem) for name in todo))
         finally:
             await settler.close()
@@ -224,7 +234,10 @@ class Restorer:
                     and r.unit.name in units
                     and r.outcome is not Outcome.RESTORED
                 ]
-                await self.units.end(failed)
+                try:
+                    await self.units.end(failed)
+                except LaunchError as err:
+                    logger.warning("cannot reload systemd after the restore: %s", err)
         if all(r.outcome is Outcome.RESTORED for r in journal.manifest.vms):
             journal.phase(Phase.RESTORED)
         return journal.manifest
