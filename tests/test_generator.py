@@ -216,7 +216,6 @@ def test_generate_dropin_and_needs(tmp_path: Path) -> None:
     body = [ln for ln in dropin.splitlines() if not ln.startswith("#")]
     assert body == [
         "[Unit]",
-        "Wants=cprd-restore.service",
         "ConditionPathExists=/run/cprd/restoring/%n",
         "[Service]",
         "Type=exec",
