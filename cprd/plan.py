@@ -269,6 +269,11 @@ def transfer_path(facts: VMFacts, new_version: tuple[int, int, int]) -> tuple[bo
     refused = [managed.problem()] if managed else list(replay_problems(facts.argv))
     if refused:  # the save-to-file path refuses it, before anything stops
         return False, f"{refused[0]}: not moved"
+    unit = decide_unit(cgroup_unit(facts.cgroup), facts.pid, facts.unit_info).unit
+    if unit is not None:
+        # The new QEMU must be the unit's main process; cpr-transfer starts it beside the
+        # old one, which only a restore into the unit (after the old one quit) can do.
+        return False, f"main process of {unit.name}: saved to a file and restored into it"
     if facts.qemu_version < TRANSFER_VERSION or new_version < TRANSFER_VERSION:
         old = facts.version_str
         new = ".".join(map(str, new_version))

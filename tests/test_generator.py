@@ -139,6 +139,24 @@ def test_plan_refuses_a_qemu_that_is_not_its_units_main_process() -> None:
     assert "main process of vm@web.service: restored into it" in plan.notes
 
 
+def test_a_unit_vm_is_moved_through_a_file() -> None:
+    """cpr-transfer would start the new QEMU outside the operator's unit."""
+    from test_plan import MEMFD, facts
+
+    from cprd.plan import transfer_path
+
+    f = facts(backends=(MEMFD,), aux_ram_share=True)
+    assert transfer_path(f, (10, 0, 2))[0] is True
+    f = f.replace(
+        cgroup="0::/system.slice/vm@web.service\n",
+        unit_info=UnitInfo("vm@web.service", f.pid, False),
+    )
+    assert transfer_path(f, (10, 0, 2)) == (
+        False,
+        "main process of vm@web.service: saved to a file and restored into it",
+    )
+
+
 def test_manifest_round_trip_with_unit(tmp_path: Path) -> None:
     transient = UnitRef("run-x.service", True, (("Environment", "as", ("A=1", "B=2")),))
     m = Manifest.new(
