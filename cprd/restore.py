@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, str, int, int], None]
 _MACHINE_OPTS = ("-machine", "-M", "--machine")
+#: QMP timeout for query-migrate while QEMU loads its state
+LOADING_QMP_TIMEOUT = 60.0
 
 
 def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
@@ -404,7 +406,10 @@ class Restorer:
     async def _wait_incoming(self, rec: VMRecord, conn: QMPConnection) -> None:
         total = rec.state_size or 0
         while True:
-            info = await conn.execute("query-migrate")
+            # While it loads, QEMU's monitor may answer late (observed: more than 10 s for
+            # a 134 MiB state under nested TCG on a loaded host); restore.timeout_s bounds
+            # the whole restore.
+            info = await conn.execute("query-migrate", timeout=LOADING_QMP_TIMEOUT)
             status = info.get("status", "none")
             if status == "completed":
                 self.progress(rec.name, "restored", total, total)
