@@ -133,9 +133,10 @@ def write(out_dir: Path, files: dict[str, str]) -> None:
         tmp.rename(path)
 
 
-def say(msg: str) -> None:
-    """stderr, and the kernel log when systemd runs us (this early, journald may not be
-    up; systemd sets $SYSTEMD_SCOPE for generators from v251)."""
+def say(msg: str, level: int = 4) -> None:
+    """stderr, and the kernel log at ``level`` (4 warning, 6 info) when systemd runs us
+    (this early, journald may not be up; systemd sets $SYSTEMD_SCOPE for generators from
+    v251)."""
     line = f"cprd-generator: {msg}"
     print(line, file=sys.stderr)
     if os.environ.get("SYSTEMD_SCOPE"):
@@ -144,7 +145,7 @@ def say(msg: str) -> None:
         except OSError:
             return
         try:
-            os.write(fd, f"<4>{line}\n".encode(errors="replace"))
+            os.write(fd, f"<{level}>{line}\n".encode(errors="replace"))
         except OSError:
             pass
         finally:
@@ -182,7 +183,7 @@ def run(
         say(f"manifest {path}: {err}: nothing written")
         return 0
     for rel in files:
-        say(f"wrote {rel}")
+        say(f"wrote {rel}", level=6)  # info: problems are warnings (4)
     return 0
 
 
