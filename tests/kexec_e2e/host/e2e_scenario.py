@@ -200,7 +200,7 @@ def show(unit: str, *props: str) -> dict[str, str]:
 def cprd_pids() -> dict[str, int]:
     r = run("cprdctl", "status", "--json", timeout=120)
     try:
-        return {v["name"]: int(v["pid"]) for v in json.loads(r.stdout or "[]")}
+        return {v["name"]: int(v["pid"]) for v in json.loads(r.stdout or "{}")["vms"]}
     except (ValueError, KeyError, TypeError):
         return {}
 
@@ -215,7 +215,8 @@ def qemus_of(vm: str) -> list[int]:
             cmd = (p / "cmdline").read_bytes()
         except OSError:
             continue
-        if cmd.startswith(b"qemu-system") and f"/run/cprd/qmp/{vm}.sock".encode() in cmd:
+        argv0 = cmd.split(b"\0", 1)[0].rsplit(b"/", 1)[-1]
+        if argv0.startswith(b"qemu-system") and f"/run/cprd/qmp/{vm}.sock".encode() in cmd:
             out.append(int(p.name))
     return out
 
