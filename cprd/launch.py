@@ -27,6 +27,8 @@ from cprd.config import Config
 from cprd.config import Launcher as LauncherKind
 from cprd.errors import LaunchError
 from cprd.hosts import LEGACY_RUN_AS, RunAs
+from cprd.sysd import Systemd
+from cprd.units import DROPIN_NAME, FAILED_DIR, RESTORING_DIR, UnitRef
 
 
 def popen_credentials(run_as: RunAs, uid: int, gid: int, groups: Sequence[int]) -> dict[str, Any]:
@@ -215,3 +217,145 @@ def make_launcher(config: Config, bus_address: str | None = None) -> Launcher:
     if config.restore.launcher is LauncherKind.SYSTEMD:
         return SystemdLauncher(bus_address)
     return DirectLauncher(config.state_dir)
+
+
+class UnitLauncher(Launcher):
+    """Restore into the operator's own systemd service (issue 13 item 5).
+
+    An operator unit (``vm@web.service``): cprd-generator's drop-in (written from the
+    committed manifest at boot or at a daemon-reload) makes the unit run the replayed
+    argv with ``-incoming defer``, and only when cprd-restore marks it
+    (``/run/cprd/restoring/<unit>``); :meth:`launch` marks it and starts the unit, and
+    the unit's MainPID is the QEMU.  A transient service (``systemd-run``) is re-created
+    under its name with the properties it had.  :meth:`stop` (a failed restore) stops
+    the unit and marks the failure, so the next daemon-reload (:meth:`end`) leaves the
+    unit exactly as the operator wrote it.
+    """
+
+    def __init__(
+        self,
+        bus_address: str | None = None,
+        run_dir: Path = Path(RESTORING_DIR).parent,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.bus_address = bus_address
+        self.restoring = run_dir / Path(RESTORING_DIR).name
+        self.failed = run_dir / Path(FAILED_DIR).name
+        self.start_timeout = start_timeout
+
+    def _mark(self, directory: Path, unit: str, present: bool) -> None:
+        if present:
+            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            (directory / unit).touch(mode=0o644)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                (directory / unit).unlink()
+
+    async def begin(self, units: list[str]) -> None:
+        """Before restoring into ``units``: forget their failures of this boot and have
+        the generator write their drop-ins (a daemon-reload), unless there already."""
+        for unit in units:
+            self._mark(self.failed, unit, False)
+        async with Systemd(self.bus_address) as sd:
+            for unit in units:
+                if not await self._has_dropin(sd, unit):
+                    await sd.reload()
+                    break
+
+    async def end(self, failed: list[str]) -> None:
+        """After the restore: mark the units of the VMs not restored as failed in this
+        boot, then a daemon-reload, so the drop-ins of restored or failed VMs are gone
+        and their units are as written again."""
+        for unit in failed:
+            self._mark(self.failed, unit, True)
+        with contextlib.suppress(FileNotFoundError):
+            for mark in self.restoring.iterdir():
+                mark.unlink()
+        async with Systemd(self.bus_address) as sd:
+            await sd.reload()
+
+    @staticmethod
+    async def _has_dropin(sd: Systemd, unit: str) -> bool:
+        return any(Path(p).name == DROPIN_NAME for p in (await sd.state(unit)).dropins)
+
+    async def launch(
+        self,
+        name: str,
+        executable: str,
+        argv: list[str],
+        run_as: RunAs = LEGACY_RUN_AS,
+        unit: UnitRef | None = None,
+    ) -> Launcher.Process:
+        # The unit says who its QEMU runs as (User=, ... in the unit or its recorded
+        # transient properties): ``run_as`` is not used here.
+        assert unit is not None
+        async with Systemd(self.bus_address) as sd:
+            if unit.transient:
+                with contextlib.suppress(LaunchError):  # a failed unit of that name left
+                    await sd.reset_failed(unit.name)
+                await sd.start_transient(unit.name, list(unit.properties), executable, argv)
+            else:
+                if not await self._has_dropin(sd, unit.name):
+                    raise LaunchError(
+                        f"{name}: {unit.name} has no cprd restore drop-in: cprd-generator did "
+                        "not write one (is it installed, and is this manifest the config's?)"
+                    )
+                state = (await sd.state(unit.name)).active
+                if state in ("active", "activating", "reloading"):
+                    raise LaunchError(f"{name}: {unit.name} is already {state}: refused")
+                self._mark(self.restoring, unit.name, True)
+                with contextlib.suppress(LaunchError):
+                    await sd.reset_failed(unit.name)
+                await sd.start(unit.name)
+            try:
+                pid = await self._main_pid(sd, name, unit.name)
+            except BaseException:
+                await self.stop(Launcher.Process(name, 0, None, None, unit.name))
+                raise
+        return Launcher.Process(name, pid, None, None, unit.name)
+
+    async def _main_pid(self, sd: Systemd, name: str, unit: str) -> int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.start_timeout
+        while True:
+            st = await sd.state(unit)
+            if st.active == "active" and st.main_pid:
+                return st.main_pid
+            # inactive with no job: it ran and exited, or its condition was unmet; with a
+            # job: waiting for what it is ordered after (never after cprd-restore.service)
+            if st.active == "failed" or (st.active == "inactive" and not st.job):
+                raise LaunchError(f"{name}: {unit} did not start: {st.active} ({st.result})")
+            if loop.time() > deadline:
+                raise LaunchError(f"{name}: {unit} not active after {self.start_timeout:g} s")
+            await asyncio.sleep(0.1)
+
+    async def alive(self, process: Launcher.Process) -> bool:
+        async with Systemd(self.bus_address) as sd:
+            st = await sd.state(process.unit)
+        return st.active in ("active", "activating") and st.main_pid == process.pid
+
+    def tail(self, process: Launcher.Process) -> str:
+        return f"see `journalctl -u {process.unit}`"
+
+    async def stop(self, process: Launcher.Process) -> None:
+        """Stop the unit (a failed restore) and mark it failed for this boot."""
+        self._mark(self.failed, process.unit, True)
+        self._mark(self.restoring, process.unit, False)
+        with contextlib.suppress(LaunchError):
+            async with Systemd(self.bus_address) as sd:
+                await sd.stop(process.unit)
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 30
+                while loop.time() < deadline:
+                    if (await sd.state(process.unit)).active in ("inactive", "failed"):
+                        break
+                    await asyncio.sleep(0.1)
+                with contextlib.suppress(LaunchError):
+                    await sd.reset_failed(process.unit)
+
+    async def start_plain(self, name: str, unit: str) -> Launcher.Process:
+        """Start the unit as written (a VM shut down before the kexec: a cold boot)."""
+        async with Systemd(self.bus_address) as sd:
+            await sd.start(unit)
+            pid = await self._main_pid(sd, name, unit)
+        return Launcher.Process(name, pid, None, None, unit)

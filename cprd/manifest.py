@@ -33,6 +33,7 @@ from cprd.plan import MigrationSettings
 from cprd.plan import safe_file_name as safe_file_name  # re-exported
 from cprd.steps import Step
 from cprd.trust import SYSTEM_DIRS
+from cprd.units import TRANSIENT_PROPERTIES, UnitRef, valid_unit_name
 
 VERSION = 2
 #: Versions this cprd reads (version 1 had no per-VM step: it is derived from the phase).
@@ -97,6 +98,8 @@ class VMRecord:
     process: ProcessContext | None = None
     #: vms.<name>.restore_priority when it was saved: the restore's order (higher first)
     restore_priority: int = 0
+    #: the systemd service whose main process it was (issue 13 item 5): restored into it
+    unit: UnitRef | None = None
 
     def replace(self, **changes: Any) -> VMRecord:
         return dataclasses.replace(self, **changes)
@@ -282,6 +285,7 @@ def to_dict(m: Manifest) -> dict[str, Any]:
                 ),
                 "disks": [dataclasses.asdict(d) for d in r.disks],
                 **({"process": r.process.to_dict()} if r.process is not None else {}),
+                "unit": r.unit.to_dict() if r.unit is not None else None,
             }
             for r in m.vms
         ],
@@ -391,6 +395,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 )
             )
         process = _process(r, v.get("process"), f"{p}process")
+        unit = _unit(r, v.get("unit"), f"{p}unit")
         vms.append(
             VMRecord(
                 name=r.get(v, "name", str, p),
@@ -418,6 +423,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 disks=tuple(disks),
                 process=process,
                 restore_priority=priority,
+                unit=unit,
             )
         )
     names = [v.name for v in vms]
@@ -453,6 +459,34 @@ def _process(r: _Reader, data: object, path: str) -> ProcessContext | None:
         env=tuple(sorted(env.items())),
         started_as_root=data.get("started_as_root", False) is True,
     )
+
+
+def _unit(r: _Reader, raw: object, path: str) -> UnitRef | None:
+    """The optional ``unit`` of a VM (manifests before issue 13 item 5 have none)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise r.fail(path, "not a mapping")
+    name = r.get(raw, "name", str, f"{path}.")
+    if not valid_unit_name(name) or not name.endswith(".service"):
+        raise r.fail(f"{path}.name", f"not a service name: {name!r}")
+    props = []
+    for j, prop in enumerate(r.get(raw, "properties", list, f"{path}.")):
+        q = f"{path}.properties[{j}]."
+        if not isinstance(prop, dict):
+            raise r.fail(q[:-1], "not a mapping")
+        pname = r.get(prop, "name", str, q)
+        sig = TRANSIENT_PROPERTIES.get(pname)
+        if sig is None or r.get(prop, "signature", str, q) != sig:
+            raise r.fail(f"{q}name", f"not a property cprd sets: {pname!r}")
+        kind = {"s": str, "t": int, "as": list}[sig]
+        value = r.get(prop, "value", kind, q)
+        if sig == "as":
+            if not all(isinstance(x, str) for x in value):
+                raise r.fail(f"{q}value", "expected a list of strings")
+            value = tuple(value)
+        props.append((pname, sig, value))
+    return UnitRef(name, r.get(raw, "transient", bool, f"{path}."), tuple(props))
 
 
 def _v1_step(phase: str, size: object) -> Step:

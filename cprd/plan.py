@@ -16,6 +16,7 @@ from typing import Any
 
 from cprd.config import InPlace, Live, SaveSettings, Suspend, VMSettings
 from cprd.hosts import manager_of, replay_problems, run_as_problem
+from cprd.units import cgroup_unit, decide_unit
 from cprd.vm import Backend, MemClass, VMFacts
 
 MIN_VERSION = (8, 2, 0)
@@ -259,6 +260,11 @@ def plan_vm(
     if managed is not None:
         problems.append(managed.problem())
     problems.extend(replay_problems(facts.argv))
+    unit = decide_unit(cgroup_unit(facts.cgroup), facts.pid, facts.unit_info)
+    if unit.note:
+        notes.append(unit.note)
+    if unit.problem:
+        problems.append(unit.problem)
     if facts.identity is not None:
         # Relaunched as it runs (hosts.relaunch_as): refused only when cprd cannot.
         ident = facts.identity
@@ -347,6 +353,11 @@ def transfer_path(facts: VMFacts, new_version: tuple[int, int, int]) -> tuple[bo
     refused = [managed.problem()] if managed else list(replay_problems(facts.argv))
     if refused:  # the save-to-file path refuses it, before anything stops
         return False, f"{refused[0]}: not moved"
+    unit = decide_unit(cgroup_unit(facts.cgroup), facts.pid, facts.unit_info).unit
+    if unit is not None:
+        # The new QEMU must be the unit's main process; cpr-transfer starts it beside the
+        # old one, which only a restore into the unit (after the old one quit) can do.
+        return False, f"main process of {unit.name}: saved to a file and restored into it"
     if facts.qemu_version < TRANSFER_VERSION or new_version < TRANSFER_VERSION:
         old = facts.version_str
         new = ".".join(map(str, new_version))

@@ -24,9 +24,16 @@ from pathlib import Path
 from cprd import manifest as mf
 from cprd import statefile
 from cprd.config import Config
-from cprd.errors import ManifestError, MonitorBusyError, QMPError, RestoreError, TrustError
+from cprd.errors import (
+    LaunchError,
+    ManifestError,
+    MonitorBusyError,
+    QMPError,
+    RestoreError,
+    TrustError,
+)
 from cprd.hosts import RunAs, disk_changes, identify, relaunch_as, replay_argv
-from cprd.launch import Launcher, make_launcher
+from cprd.launch import Launcher, UnitLauncher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
 from cprd.qmp import QMPConnection
@@ -206,12 +213,15 @@ class Restorer:
         launcher: Launcher | None = None,
         progress: ProgressCallback | None = None,
         ignore_disk_changes: Collection[str] = (),
+        units: UnitLauncher | None = None,
     ) -> None:
         self.config = config
         self.manifest_path = manifest_path or config.manifest_path
         self.launcher = launcher or make_launcher(config)
         self.progress = progress or (lambda *_: None)
         self.ignore_disk_changes = frozenset(ignore_disk_changes)
+        #: VMs that ran as the main process of a systemd service go back into it
+        self.units = units or UnitLauncher()
 
     async def run(self) -> Manifest:
         """Restore every pending or failed VM; return the updated manifest.
@@ -227,13 +237,39 @@ class Restorer:
                 "its VMs were never committed",
                 "resume them with `cprdctl resume`",
             )
-        waves = restore_waves(r for r in manifest.vms if r.outcome is not Outcome.RESTORED)
+        pending = [r for r in manifest.vms if r.outcome is not Outcome.RESTORED]
+        todo = {r.name for r in pending}
+        waves = restore_waves(pending)
         settler = Settler(self.config, journal, self.start)
+        # Operator units (not transient ones): the generator's drop-ins must be loaded
+        # before and dropped after (one daemon-reload each way).
+        units = [
+            r.unit.name
+            for r in manifest.vms
+            if r.name in todo and r.unit is not None and not r.unit.transient
+        ]
         try:
+            if units:
+                try:
+                    await self.units.begin(units)
+                except LaunchError as err:  # each of those VMs then fails on its own
+                    logger.warning("cannot prepare the VMs' systemd units: %s", err)
             for wave in waves:
                 await self._wave(settler, wave)
         finally:
             await settler.close()
+            if units:
+                failed = [
+                    r.unit.name
+                    for r in journal.manifest.vms
+                    if r.unit is not None
+                    and r.unit.name in units
+                    and r.outcome is not Outcome.RESTORED
+                ]
+                try:
+                    await self.units.end(failed)
+                except LaunchError as err:
+                    logger.warning("cannot reload systemd after the restore: %s", err)
         if all(r.outcome is Outcome.RESTORED for r in journal.manifest.vms):
             journal.phase(Phase.RESTORED)
         return journal.manifest
@@ -298,10 +334,14 @@ class Restorer:
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)
         self.progress(rec.name, "launching", 0, rec.state_size or 0)
-        process = await self.launcher.launch(rec.name, rec.executable, argv, how)
+        launcher = self._launcher_for(rec)
+        if rec.unit is not None:
+            process = await self.units.launch(rec.name, rec.executable, argv, unit=rec.unit)
+        else:
+            process = await launcher.launch(rec.name, rec.executable, argv, how)
         conn: QMPConnection | None = None
         try:
-            conn = await self._connect(rec, process)
+            conn = await self._connect(rec, process, launcher)
             for cmd, args in rec.settings.commands():
                 await conn.execute(cmd, args)
             # cprd opens the state file and hands it over: the QEMU may run as any user.
@@ -316,7 +356,7 @@ class Restorer:
             await statefile.remove_fdset(conn, fdset, 10)
             final = await self._finish(rec, conn)
         except BaseException:
-            await self.launcher.stop(process)
+            await launcher.stop(process)
             raise
         finally:
             if conn is not None:
@@ -340,11 +380,17 @@ class Restorer:
         how = run_as(rec)
         await self._refuse_if_running(rec)
         argv = relaunch_argv(rec.argv, rec.machine_type)[:-2]  # without -incoming defer
-        process = await self.launcher.launch(rec.name, rec.executable, argv, how)
+        launcher = self._launcher_for(rec)
+        if rec.unit is not None and not rec.unit.transient:
+            process = await self.units.start_plain(rec.name, rec.unit.name)  # as written
+        elif rec.unit is not None:
+            process = await self.units.launch(rec.name, rec.executable, argv, unit=rec.unit)
+        else:
+            process = await launcher.launch(rec.name, rec.executable, argv, how)
         try:
-            conn = await self._connect(rec, process)
+            conn = await self._connect(rec, process, launcher)
         except BaseException:
-            await self.launcher.stop(process)
+            await launcher.stop(process)
             raise
         try:
             status = await _wait_status(conn, lambda s: s not in ("inmigrate", "prelaunch"), 30)
@@ -363,6 +409,9 @@ class Restorer:
         )
         return f"cold-booted: {status}", process.pid
 
+    def _launcher_for(self, rec: VMRecord) -> Launcher:
+        return self.units if rec.unit is not None else self.launcher
+
     async def _refuse_if_running(self, rec: VMRecord) -> None:
         """Never start a second QEMU beside a live one on the same socket."""
         try:
@@ -377,15 +426,15 @@ class Restorer:
         await conn.close()
         raise RestoreError(f"{rec.name}: a QEMU (pid {conn.pid}) already serves {rec.qmp_socket}")
 
-    async def _connect(self, rec: VMRecord, process: Launcher.Process) -> QMPConnection:
+    async def _connect(
+        self, rec: VMRecord, process: Launcher.Process, launcher: Launcher
+    ) -> QMPConnection:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
         last = ""
         while loop.time() < deadline:
-            if not await self.launcher.alive(process):
-                raise RestoreError(
-                    f"{rec.name}: QEMU exited at start: {self.launcher.tail(process)}"
-                )
+            if not await launcher.alive(process):
+                raise RestoreError(f"{rec.name}: QEMU exited at start: {launcher.tail(process)}")
             try:
                 conn = await QMPConnection.open(Path(rec.qmp_socket), rec.name, timeout=5)
             except QMPError as err:

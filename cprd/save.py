@@ -58,6 +58,7 @@ from cprd.qmp import QMPConnection
 from cprd.restore import Restorer
 from cprd.settle import Settled, Settler, alive, settle_all, wait_exit
 from cprd.steps import Action, Intent, Step
+from cprd.units import cgroup_unit, decide_unit
 from cprd.vm import fstype_of
 
 logger = logging.getLogger(__name__)
@@ -371,6 +372,7 @@ class Saver:
             disks=tuple(DiskImage(path) for path in f.block_files),
             process=f.process,
             restore_priority=self.config.vm(f.name).restore_priority,
+            unit=decide_unit(cgroup_unit(f.cgroup), f.pid, f.unit_info).unit,
         )
         return _Work(handle, plan, record)
 

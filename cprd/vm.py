@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cprd.errors import QMPError, TrustError
+from cprd.errors import LaunchError, QMPError, TrustError
 from cprd.hosts import ProcessContext, image_paths, read_process
 from cprd.qmp import QMPConnection, expect, field
+from cprd.sysd import Systemd
 from cprd.trust import check_binary
+from cprd.units import UnitInfo, UnitKind, cgroup_unit, is_cprds_own
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class VMFacts:
     block_files: tuple[str, ...] = ()  # image files of its block nodes (hosts.image_paths)
     #: who it runs as, where, with which (filtered) environment: relaunched so
     process: ProcessContext | None = None
+    #: what systemd said of the service its cgroup names (None: not a service, or no answer)
+    unit_info: UnitInfo | None = None
 
     @property
     def ram_bytes(self) -> int:
@@ -428,6 +432,7 @@ async def inspect(
     except QMPError:  # QEMU before 10.0
         aux = False
     nodes = await conn.execute("query-named-block-nodes", {"flat": True})
+    cgroup = read_cgroup(conn.pid)
     return VMFacts(
         name=vm_name(argv, conn.path),
         qmp_socket=str(conn.path),
@@ -451,12 +456,13 @@ async def inspect(
         aux_ram_share=expect(aux, bool, "aux-ram-share"),
         identity=identity,
         binary=binary,
-        cgroup=read_cgroup(conn.pid),
+        cgroup=cgroup,
         parent_comm=read_parent_comm(conn.pid),
         block_files=image_paths(
             n for n in (nodes if isinstance(nodes, list) else []) if isinstance(n, dict)
         ),
         process=_process(conn.pid, conn.cred.uid),
+        unit_info=await read_unit_info(conn.pid, cgroup),
     )
 
 
@@ -465,3 +471,19 @@ def _process(pid: int, listener_uid: int) -> ProcessContext:
         return read_process(pid, listener_uid)
     except (OSError, ValueError) as err:
         raise TrustError(f"QEMU pid {pid}: cannot read its credentials from /proc: {err}") from err
+
+
+async def read_unit_info(pid: int, cgroup: str) -> UnitInfo | None:
+    """What systemd says of the service QEMU ``pid`` runs in (its MainPID, and a transient
+    unit's properties); None when its cgroup names no operator service, or systemd does
+    not answer (the plan then refuses it: see :func:`cprd.units.decide_unit`)."""
+    cg = cgroup_unit(cgroup)
+    if cg is None or cg.kind is not UnitKind.SERVICE or is_cprds_own(cg.name):
+        return None
+    try:
+        async with Systemd() as sd:
+            info = await sd.unit_of_pid(pid)
+    except LaunchError as err:
+        logger.warning("cannot ask systemd about %s: %s", cg.name, err)
+        return None
+    return info if info.name == cg.name else None

@@ -54,6 +54,8 @@ HOST = E2E / "host"
 CACHE = Path(os.environ.get("CPRD_GUEST_CACHE", "/var/cache/cprd-test"))
 CMDLINE = "root=/dev/vda rw console=ttyS0 memmap=256M!1G panic=-1 systemd.show_status=1"
 UNITS = ("cprd-e2e-pmem.service", "cprd-e2e-ticks.service", "cprd-e2e.service")
+#: vm2 runs as the operator's enabled template unit (issue 13 item 5)
+VM_TEMPLATE, OPERATOR_VM = "cprd-e2e-vm@.service", "cprd-e2e-vm@vm2.service"
 T0 = time.monotonic()
 
 
@@ -144,7 +146,7 @@ def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None, dist: s
         share.mkdir(parents=True)
         for f in ("vmlinuz", "initrd.img"):
             shutil.copy(guest / f, share / f)
-        for u in UNITS:
+        for u in (*UNITS, VM_TEMPLATE):
             shutil.copy(HOST / u, root / "etc/systemd/system" / u)
         shutil.copy(HOST / "cprd.yaml", root / "etc/cprd/cprd.yaml")
         (root / "var/lib/cprd-e2e").mkdir(parents=True, exist_ok=True)
@@ -161,6 +163,7 @@ def build_image(vhost: Path, guest: Path, image: Path, deb: Path | None, dist: s
             "cprd-kexec-guard.service",
             "serial-getty@ttyS1.service",
             *UNITS,
+            OPERATOR_VM,
         )
         # No getty on the console: its vhangup() would cut the scenario's writes to ttyS0.
         sh("chroot", root, "systemctl", "mask", "serial-getty@ttyS0.service")
@@ -196,7 +199,7 @@ class Serial:
 
 
 INTERESTING = re.compile(
-    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM|SAVE-PATH|INSTALLED)|"
+    r"E2E-(PHASE|VMS|CPRDCTL|KEXEC|RESTORE-UNIT|ERROR|WAIT|PMEM|SAVE-PATH|INSTALLED|UNIT)|"
     r"Linux version|"
     r"kexec_core: Starting new kernel|reboot: Power down|Kernel panic"
 )

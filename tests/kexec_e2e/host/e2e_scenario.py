@@ -1,11 +1,17 @@
 """cprd-e2e.service: the kexec scenario, run at every boot of the virtual host.
 
-Boot 1 (no phase file): start vm1 (RAM on the DAX ext4 at /mnt/pmem, share=on: stays in
-place) and vm2 (private RAM: copied), each a transient unit with
-Before=cprd-kexec-guard.service (as the operator guide says), wait for their ticks, then
-the operator's plain path: `kexec --load` of the same kernel, initrd and command line, and
-`systemctl kexec`. Boot 2 (phase "kexec"): cprd-restore.service has run; wait until both
-VMs tick again, read from the first boot's journal which path saved the VMs (MODE, the
+Boot 1 (no phase file): vm1 (RAM on the DAX ext4 at /mnt/pmem, share=on: stays in place)
+runs in a transient unit (systemd-run) with Before=cprd-kexec-guard.service (as the
+operator guide says); vm2 (private RAM: copied) is the operator's enabled template unit
+cprd-e2e-vm@vm2.service (issue 13 item 5), started by the boot. Wait for their ticks;
+then, without a kexec, a save and restore through cprd (`cprdctl prepare-kexec
+--commit`, `cprdctl restore`) checking that each VM comes back in its unit, that the
+unit's own start does not cold-boot a VM with a state to restore, and that a failed
+restore into the operator's unit leaves it as written; then the operator's plain path:
+`kexec --load` of the same kernel, initrd and command line, and `systemctl kexec`.
+Boot 2 (phase "kexec"): cprd-restore.service has run; wait until both VMs tick again,
+check vm1 and vm2 in their units (vm2's own start at boot held back, `systemctl stop`
+stops it), read from the first boot's journal which path saved the VMs (MODE, the
 file `mode` next to this script: "logind" on Debian 13, "guard" on Debian 12), collect the
 figures, print them on the serial console (`E2E-RESULT <json>`, the journal between
 E2E-JOURNAL-BEGIN/END), power off.
@@ -14,6 +20,7 @@ Any failure: `E2E-ERROR ...`, then `E2E-RESULT` with ok=false, then power off.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -27,6 +34,12 @@ MODE = (Path(__file__).parent / "mode").read_text().strip()  # "logind" or "guar
 PHASE = DIR / "phase"
 GUEST = Path("/usr/local/share/cprd-e2e")
 VMS = ("vm1", "vm2")
+#: vm1: a transient unit (re-created by cprd); vm2: the operator's template unit
+UNIT_OF = {"vm1": "e2e-vm1.service", "vm2": "cprd-e2e-vm@vm2.service"}
+OPERATOR_UNIT = UNIT_OF["vm2"]
+OPERATOR_CGROUP = "/vms.slice/cprd-e2e-vm@vm2.service"
+OPERATOR_MEMORY_MAX = str(2**30)
+DROPIN = "50-cprd-restore.conf"
 TICKS_BEFORE = 5  # ticks per VM before the kexec
 TICKS_AFTER = 3  # ticks per VM after the restore
 # Nested TCG: ~95 s per guest to userspace on an idle machine, more with two; on this
@@ -168,12 +181,224 @@ def wait_ticks(count: int, timeout: float, this_boot: str) -> dict[str, int]:
 def vm_diag() -> str:
     out = []
     for vm in VMS:
-        active = run("systemctl", "is-active", f"e2e-{vm}.service").stdout.strip()
+        active = run("systemctl", "is-active", UNIT_OF[vm]).stdout.strip()
         path = DIR / f"{vm}.serial"
         tail = path.read_bytes()[-60:].decode(errors="replace") if path.exists() else "-"
         size = path.stat().st_size if path.exists() else -1
         out.append(f"{vm} unit {active} serial {size} B ...{tail!r}")
     return "; ".join(out)
+
+
+# --- VMs in units (issue 13 item 5) -------------------------------------------------------
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    r = run("systemctl", "show", unit, "-p", ",".join(props))
+    return dict(ln.split("=", 1) for ln in r.stdout.splitlines() if "=" in ln)
+
+
+def cprd_pids() -> dict[str, int]:
+    r = run("cprdctl", "status", "--json", timeout=120)
+    try:
+        return {v["name"]: int(v["pid"]) for v in json.loads(r.stdout or "{}")["vms"]}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def qemus_of(vm: str) -> list[int]:
+    """Pids of every QEMU serving ``vm``'s QMP socket (by command line)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv0 = cmd.split(b"\0", 1)[0].rsplit(b"/", 1)[-1]
+        if argv0.startswith(b"qemu-system") and f"/run/cprd/qmp/{vm}.sock".encode() in cmd:
+            out.append(int(p.name))
+    return out
+
+
+def tick_numbers(vm: str) -> list[int]:
+    return [t[0] for t in ticks()[vm] if t[2] == boot_id()]
+
+
+def wait_new_ticks(vm: str, after: int, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not [n for n in tick_numbers(vm) if n > after + 1]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{vm}: no tick after {after} in {timeout:.0f} s; {vm_diag()}")
+        time.sleep(1)
+
+
+def in_unit(vm: str, description: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The checks of item 5 for ``vm`` now: its unit is active, the unit's MainPID is
+    the QEMU cprd holds, in the unit's cgroup (slice, resource controls), with no cprd
+    drop-in left (the unit as written)."""
+    unit = UNIT_OF[vm]
+    props = show(
+        unit, "ActiveState", "MainPID", "ControlGroup", "DropInPaths", "Description", "Transient"
+    )
+    deadline = time.monotonic() + 120
+    pids = cprd_pids()
+    while pids.get(vm) != int(props.get("MainPID", "0") or 0) and time.monotonic() < deadline:
+        time.sleep(2)
+        pids = cprd_pids()
+    main = int(props.get("MainPID", "0") or 0)
+    problems = []
+    if props.get("ActiveState") != "active" or not main:
+        problems.append(f"{unit}: {props.get('ActiveState')} MainPID {main}")
+    if pids.get(vm) != main:
+        problems.append(f"{vm}: cprd holds pid {pids.get(vm)}, {unit} MainPID {main}")
+    if qemus_of(vm) != [main]:
+        problems.append(f"{vm}: QEMUs {qemus_of(vm)}, expected only {main}")
+    if DROPIN in props.get("DropInPaths", ""):
+        problems.append(f"{unit}: cprd's drop-in still loaded: {props['DropInPaths']}")
+    cgroup = ""
+    try:
+        cgroup = Path(f"/proc/{main}/cgroup").read_text().strip()
+    except OSError:
+        problems.append(f"{vm}: no /proc/{main}")
+    facts: dict[str, Any] = {"unit": unit, "main_pid": main, "cgroup": cgroup, **props}
+    if vm == "vm2":
+        mem = Path(f"/sys/fs/cgroup{props.get('ControlGroup', '')}/memory.max")
+        facts["memory.max"] = mem.read_text().strip() if mem.exists() else None
+        if not cgroup.endswith(OPERATOR_CGROUP):
+            problems.append(f"{vm}: cgroup {cgroup!r}, expected ...{OPERATOR_CGROUP}")
+        if facts["memory.max"] != OPERATOR_MEMORY_MAX:
+            problems.append(f"{vm}: memory.max {facts['memory.max']}, expected 1 GiB")
+    else:
+        if props.get("Transient") != "yes":
+            problems.append(f"{unit}: not transient: {props.get('Transient')}")
+        if description is not None and props.get("Description") != description:
+            problems.append(f"{unit}: Description {props.get('Description')!r} != {description!r}")
+    return facts, problems
+
+
+def commit() -> None:
+    r = run("cprdctl", "prepare-kexec", "--commit", timeout=900)
+    console(f"E2E-UNIT prepare-kexec --commit (rc {r.returncode}): {r.stdout}{r.stderr}")
+    if r.returncode != 0:
+        raise RuntimeError(f"prepare-kexec --commit: rc {r.returncode}")
+    for vm in VMS:
+        if qemus_of(vm):
+            raise RuntimeError(f"{vm}: QEMU {qemus_of(vm)} still runs after the commit")
+
+
+def restore(expect_ok: bool) -> str:
+    r = run("cprdctl", "restore", timeout=900)
+    console(f"E2E-UNIT restore (rc {r.returncode}): {r.stdout}{r.stderr}")
+    if (r.returncode == 0) != expect_ok:
+        raise RuntimeError(f"cprdctl restore: rc {r.returncode}, expected ok={expect_ok}")
+    return r.stdout + r.stderr
+
+
+def unit_cycles() -> dict[str, Any]:
+    """Save and restore without a kexec (the iteration the issue asks for), three times:
+    1. commit; the operator's unit started by hand does not cold-boot (its start is
+       held back while the VM has a state); restore: each VM back in its unit;
+    2. commit; a restore that fails for vm2 (its state file's header broken) leaves the
+       unit exactly as written (inactive, no drop-in, no QEMU); a retry with the file
+       repaired brings it back into the unit;
+    and the guests' tick counters never restart (no cold boot anywhere)."""
+    out: dict[str, Any] = {"problems": []}
+    problems: list[str] = out["problems"]
+    description = show(UNIT_OF["vm1"], "Description")["Description"]
+    before, p = {}, []
+    for vm in VMS:
+        before[vm], more = in_unit(vm, description)
+        p += more
+    out["before"] = before
+    problems += [f"before: {x}" for x in p]
+    t0 = time.monotonic()
+    # 1. held back, then restored into the unit
+    last = {vm: max(tick_numbers(vm)) for vm in VMS}
+    commit()
+    run("systemctl", "daemon-reload", timeout=300)
+    held = show(OPERATOR_UNIT, "DropInPaths")["DropInPaths"]
+    r = run("systemctl", "start", OPERATOR_UNIT, timeout=120)
+    time.sleep(3)
+    state = show(OPERATOR_UNIT, "ActiveState", "ConditionResult")
+    out["held_back"] = {
+        "dropins": held,
+        "start_rc": r.returncode,
+        **state,
+        "qemus": qemus_of("vm2"),
+    }
+    if DROPIN not in held or state.get("ActiveState") != "inactive" or qemus_of("vm2"):
+        problems.append(f"the unit's own start was not held back: {out['held_back']}")
+    restore(expect_ok=True)
+    after = {}
+    for vm in VMS:
+        wait_new_ticks(vm, last[vm])
+        after[vm], p = in_unit(vm, description)
+        problems += [f"restored: {x}" for x in p]
+    out["restored"] = after
+    out["cycle_s"] = round(time.monotonic() - t0, 1)
+    # 2. a failed restore into the operator's unit, then a retry
+    last = {vm: max(tick_numbers(vm)) for vm in VMS}
+    commit()
+    state_file = Path("/var/lib/cprd/vm2.state")
+    with state_file.open("r+b") as f:
+        header = f.read(64)
+        f.seek(0)
+        f.write(b"\0" * len(header))
+        f.flush()
+        os.fsync(f.fileno())
+    text = restore(expect_ok=False)
+    failed = show(OPERATOR_UNIT, "ActiveState", "DropInPaths", "MainPID", "Result")
+    out["failed"] = {**failed, "qemus": qemus_of("vm2"), "restore": text[-400:]}
+    if failed.get("ActiveState") != "inactive" or DROPIN in failed.get("DropInPaths", ""):
+        problems.append(f"after a failed restore the unit is not as written: {failed}")
+    if qemus_of("vm2"):
+        problems.append(f"after a failed restore a QEMU runs for vm2: {qemus_of('vm2')}")
+    with state_file.open("r+b") as f:
+        f.write(header)
+        os.fsync(f.fileno())
+    restore(expect_ok=True)
+    for vm in VMS:
+        wait_new_ticks(vm, last[vm])
+        out.setdefault("retried", {})[vm], p = in_unit(vm, description)
+        problems += [f"retried: {x}" for x in p]
+    for vm in VMS:
+        ns = tick_numbers(vm)
+        if any(b != a + 1 for a, b in itertools.pairwise(ns)):
+            problems.append(f"{vm}: tick counter not continuous (a cold boot?): {ns}")
+    return out
+
+
+def exec_vm(vm: str) -> None:
+    """ExecStart of cprd-e2e-vm@.service: become QEMU (the unit's main process)."""
+    argv = qemu_argv(vm)
+    os.execvp(argv[0], argv)
+
+
+def operator_unit_boot2() -> dict[str, Any]:
+    """After the kexec: vm2 back in the operator's unit (the checks of item 5); the
+    unit's own start at boot was held back (skipped by its condition), never a second
+    QEMU; `systemctl stop` stops the restored QEMU."""
+    facts, problems = in_unit("vm2")
+    log = run("journalctl", "--no-pager", "-b", "0", "-u", OPERATOR_UNIT, "-o", "cat").stdout
+    facts["journal"] = log.strip().splitlines()[-12:]
+    starts = [ln for ln in log.splitlines() if ln.startswith("Started ")]
+    if "unmet condition" not in log:
+        problems.append("the unit's own start at boot was not held back (no unmet condition)")
+    if len(starts) != 1:
+        problems.append(f"{len(starts)} starts of {OPERATOR_UNIT} in this boot, expected 1")
+    return {"facts": facts, "problems": problems}
+
+
+def stop_operator_unit() -> list[str]:
+    main = int(show(OPERATOR_UNIT, "MainPID")["MainPID"] or 0)
+    r = run("systemctl", "stop", OPERATOR_UNIT, timeout=120)
+    deadline = time.monotonic() + 60
+    while main and Path(f"/proc/{main}").exists() and time.monotonic() < deadline:
+        time.sleep(1)
+    if r.returncode != 0 or not main or Path(f"/proc/{main}").exists():
+        return [f"systemctl stop {OPERATOR_UNIT}: rc {r.returncode}, QEMU {main} still there"]
+    return []
 
 
 def cmdline() -> str:
@@ -185,7 +410,7 @@ def boot1() -> None:
     console(f"E2E-PHASE boot1 {boot_id()}")
     Path("/run/cprd/qmp").mkdir(parents=True, exist_ok=True)
     Path("/run/cprd/qga").mkdir(parents=True, exist_ok=True)
-    for vm in VMS:
+    for vm in VMS[:1]:  # vm2: the operator's unit, started by the boot
         (DIR / f"{vm}.serial").unlink(missing_ok=True)
         r = run(
             "systemd-run",
@@ -212,6 +437,10 @@ def boot1() -> None:
     for cmd in (("status",), ("check",)):
         r = run("cprdctl", *cmd, timeout=120)
         console(f"E2E-CPRDCTL {' '.join(cmd)} (rc {r.returncode}):\n{r.stdout}{r.stderr}")
+    units = unit_cycles()
+    console(f"E2E-UNIT-CYCLES {json.dumps(units)}")
+    if units["problems"]:
+        raise RuntimeError(f"units: {units['problems']}")
     installed = {
         "cprd_version": run("cprd", "--version").stdout.strip(),
         "cprd_service": run("systemctl", "is-active", "cprd.service").stdout.strip(),
@@ -220,7 +449,14 @@ def boot1() -> None:
     console(f"E2E-INSTALLED {json.dumps(installed)}")
     kver = os.uname().release
     append = cmdline()
-    write_phase("kexec", boot1=boot_id(), kexec_at=time.time(), append=append, **installed)
+    write_phase(
+        "kexec",
+        boot1=boot_id(),
+        kexec_at=time.time(),
+        append=append,
+        unit_cycles=units,
+        **installed,
+    )
     console("E2E-KEXEC-START")
     # The operator's path: load the kernel, then plain `systemctl kexec`. logind (systemd
     # >= 255) tells cprd first and waits for its delay lock; older systemd goes straight to
@@ -448,15 +684,23 @@ def boot2(phase: dict[str, Any]) -> dict[str, Any]:
     manifest = Path("/var/lib/cprd/manifest.yaml")
     path = save_path("-1")
     console(f"E2E-SAVE-PATH {json.dumps(path)}")
+    units = operator_unit_boot2()
+    vm1_unit, more = in_unit("vm1")
+    units["problems"] += more + stop_operator_unit()
+    units["vm1"] = vm1_unit
+    console(f"E2E-UNIT-BOOT2 {json.dumps(units)}")
     ok = (
         all(v["continued"] for v in vms.values())
         and "Result=success" in restore
         and not path["problems"]
         and phase.get("cprd_service") == "active"
+        and not units["problems"]
     )
     return {
         "ok": ok,
         "save_path": path,
+        "units_boot2": units,
+        "unit_cycles_boot1": phase.get("unit_cycles"),
         "installed": {k: phase.get(k) for k in ("cprd_version", "cprd_service", "systemd")},
         "restore_unit": restore,
         "kexec_requested_at": phase.get("kexec_at"),
@@ -476,6 +720,8 @@ def boot2(phase: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["exec-vm"]:
+        exec_vm(sys.argv[2])
     phase = read_phase()
     result: dict[str, Any]
     try:
