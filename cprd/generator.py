@@ -58,11 +58,16 @@ def pending(rec: VMRecord) -> bool:
 
 
 def generate(
-    manifest: Manifest, manifest_path: str, failed: Collection[str] = ()
+    manifest: Manifest,
+    manifest_path: str,
+    failed: Collection[str] = (),
+    problems: list[str] | None = None,
 ) -> dict[str, str]:
     """The files to write, as {path relative to the output dir: content} (pure).
 
-    ``failed``: units whose restore failed in this boot (nothing written for them)."""
+    ``failed``: units whose restore failed in this boot (nothing written for them).
+    A VM whose drop-in cannot be written (its argv is bytes its QEMU's user chose) gets
+    none, the others theirs: the reason is appended to ``problems``."""
     if manifest.phase is not Phase.COMMITTED:
         return {}
     out: dict[str, str] = {}
@@ -82,9 +87,14 @@ def generate(
         if rec.outcome is Outcome.FAILED and unit.name in failed:
             continue
         argv = relaunch_argv(rec.argv, rec.machine_type)
-        out[f"{unit.name}.d/{DROPIN_NAME}"] = dropin(
-            rec.name, unit.name, rec.executable, argv, manifest_path
-        )
+        try:
+            text = dropin(rec.name, unit.name, rec.executable, argv, manifest_path)
+            text.encode()
+        except (ValueError, UnicodeError) as err:
+            if problems is not None:
+                problems.append(f"VM {rec.name!r}: no drop-in for {unit.name}: {err}")
+            continue
+        out[f"{unit.name}.d/{DROPIN_NAME}"] = text
     needs = mount_needs(paths)
     if needs:
         out[f"{RESTORE_UNIT}.d/{NEEDS_NAME}"] = needs_dropin(needs)
@@ -128,7 +138,7 @@ def write(out_dir: Path, files: dict[str, str]) -> None:
         path = out_dir / rel
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, 0o644)
         tmp.rename(path)
 
@@ -177,11 +187,14 @@ def run(
         return 0
     try:
         manifest = mf.read(path)
-        files = generate(manifest, str(path), failed_units(failed_dir))
+        problems: list[str] = []
+        files = generate(manifest, str(path), failed_units(failed_dir), problems)
         write(out_dir, files)
     except Exception as err:
         say(f"manifest {path}: {err}: nothing written")
         return 0
+    for problem in problems:
+        say(problem)
     for rel in files:
         say(f"wrote {rel}", level=6)  # info: problems are warnings (4)
     return 0

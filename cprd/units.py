@@ -216,7 +216,8 @@ _PLAIN = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 
 def exec_word(word: str) -> str:
     """One word of a systemd command line (pure): quoted and escaped so systemd passes
-    it on unchanged (no ``$VAR`` expansion, no ``%`` specifier)."""
+    it on unchanged (no ``$VAR`` expansion, no ``%`` specifier, a byte that is not
+    UTF-8 as ``\\xNN``); ValueError for a lone surrogate that stands for no byte."""
     if _PLAIN.fullmatch(word):
         return word
     out = ['"']
@@ -233,6 +234,10 @@ def exec_word(word: str) -> str:
             out.append("\\n")
         elif ord(ch) < 0x20 or ord(ch) == 0x7F:
             out.append(f"\\x{ord(ch):02x}")
+        elif 0xDC80 <= ord(ch) <= 0xDCFF:  # a byte that is not UTF-8 (surrogateescape)
+            out.append(f"\\x{ord(ch) - 0xDC00:02x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            raise ValueError(f"argument {word!r} is neither UTF-8 nor bytes")
         else:
             out.append(ch)
     out.append('"')
@@ -271,7 +276,10 @@ def _path_ok(path: str) -> bool:
     return (
         path.startswith("/")
         and not path.startswith(_SYSTEM)
-        and not any(c.isspace() or c in "\"'\\;" or ord(c) < 0x20 for c in path)
+        and not any(
+            c.isspace() or c in "\"'\\;" or ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF
+            for c in path
+        )
     )
 
 

@@ -197,6 +197,7 @@ def test_manifest_refuses_a_bad_unit(tmp_path: Path, unit: dict[str, object], er
         ("$HOME%n", '"$$HOME%%n"'),
         ('q"\\', '"q\\"\\\\"'),
         ('{"x": 1}', '"{\\"x\\": 1}"'),
+        ("a\udcff\n", '"a\\xff\\n"'),  # not UTF-8 (surrogateescape): its byte
     ],
 )
 def test_exec_word(word: str, quoted: str) -> None:
@@ -369,6 +370,35 @@ def test_generator_writes_the_dropins(tmp_path: Path) -> None:
     r = generator(tmp_path, config)
     assert r.returncode == 0
     assert not (out / "vm@web.service.d").exists()
+
+
+def test_one_vms_argv_costs_no_other_vms_dropin(tmp_path: Path) -> None:
+    """A QEMU's argv is bytes its user (or a compromised QEMU) chose, not text: a word
+    that is not UTF-8 (read with surrogateescape) reaches the drop-in as its very bytes
+    (``\\xff``), and every VM keeps its drop-in; a path systemd cannot take is left out
+    of RequiresMountsFor=."""
+    state = tmp_path / "state"
+    config = tmp_path / "cprd.yaml"
+    config.write_text(f"state_dir: {state}\n")
+    bad = "console=ttyS0 \udcff"  # the byte 0xff, as vm.read_argv decodes it
+    web = committed(tmp_path, argv=("qemu", "-append", bad, "-kernel", "/srv/k\udcfe"))
+    db = record(tmp_path, "db", unit=UnitRef("vm@db.service"), state_file=f"{state}/db.state")
+    odd = record(  # a lone surrogate stands for no byte: that VM alone gets no drop-in
+        tmp_path, "odd", unit=UnitRef("vm@odd.service"), argv=("qemu", "-name", "\ud800")
+    )
+    mf.write(state / "manifest.yaml", web.replace(vms=(*web.vms, db, odd)))
+    r = generator(tmp_path, config)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.conf")) == [
+        "cprd-restore.service.d/50-cprd-needs.conf",
+        "vm@db.service.d/50-cprd-restore.conf",
+        "vm@web.service.d/50-cprd-restore.conf",
+    ], r.stderr
+    web_dropin = (out / "vm@web.service.d/50-cprd-restore.conf").read_text()
+    assert '-append "console=ttyS0 \\xff" -kernel "/srv/k\\xfe"' in web_dropin
+    assert "/srv/k" not in (out / "cprd-restore.service.d/50-cprd-needs.conf").read_text()
+    assert "cprd-generator: VM 'odd': no drop-in for vm@odd.service: argument" in r.stderr
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "unreadable", "no-state-dir", "bad-config"])
