@@ -536,4 +536,10 @@ def run_as_problem(
         )
     if ctx is not None and (ctx.cwd.endswith(" (deleted)") or not ctx.cwd.startswith("/")):
         return f"its working directory {ctx.cwd} is gone: cprd cannot relaunch it there"
+    if ctx is not None and any(ord(c) < 0x20 or ord(c) == 0x7F for c in ctx.cwd):
+        # systemd would write it unescaped into a unit file (launch.SystemdLauncher).
+        return (
+            f"its working directory {ctx.cwd!r} has a control character: cprd does not "
+            "hand it to systemd"
+        )
     return None

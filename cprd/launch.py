@@ -49,6 +49,18 @@ def popen_credentials(run_as: RunAs, uid: int, gid: int, groups: Sequence[int]) 
     return out
 
 
+def has_control(text: str) -> bool:
+    """Whether ``text`` has a character a line-based file (a unit file) would read as
+    an end of line or a control: C0 (newline, carriage return...) or DEL (pure)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def printable(text: str) -> str:
+    """``text`` with each character that is not printable (newline, a control, a lone
+    surrogate...) as a ``\\x``/``\\u`` escape (pure)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Launcher:
     @dataclass
     class Process:
@@ -173,9 +185,25 @@ class SystemdLauncher(Launcher):
     def properties(
         name: str, executable: str, argv: list[str], run_as: RunAs
     ) -> list[tuple[str, str, Any]]:
-        """The transient unit's properties as (name, D-Bus signature, value) (pure)."""
+        """The transient unit's properties as (name, D-Bus signature, value) (pure).
+
+        systemd writes them to the unit's file in /run/systemd/transient, read again at
+        every daemon-reload, and writes Description= and WorkingDirectory= as given: a
+        newline there would start a line of the QEMU's user's choosing (``[Service]``,
+        ``ExecStopPost=+...``, run as root).  So the VM's name (its ``-name``) is shown
+        escaped, and a working directory, executable or argv word with a control
+        character is refused (LaunchError), never handed to systemd."""
+        for what, text in (("working directory", run_as.cwd), ("executable", executable)):
+            if has_control(text):
+                raise LaunchError(f"{name}: its {what} {text!r} has a control character")
+        for word in argv:
+            if has_control(word):
+                raise LaunchError(
+                    f"{name}: its argv word {word!r} has a control character",
+                    "systemd writes argv to a unit file; use restore.launcher: direct for it",
+                )
         props: list[tuple[str, str, Any]] = [
-            ("Description", "s", f"QEMU VM {name} (restored by cprd)"),
+            ("Description", "s", f"QEMU VM {printable(name)} (restored by cprd)"),
             ("ExecStart", "a(sasb)", [[executable, argv, False]]),
             ("KillMode", "s", "mixed"),
             ("CollectMode", "s", "inactive-or-failed"),

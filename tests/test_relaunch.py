@@ -221,6 +221,34 @@ def test_transient_unit_properties() -> None:
     assert ("Environment" in [p[0] for p in legacy]) is False
 
 
+def test_transient_unit_properties_carry_no_line_of_the_qemus_user() -> None:
+    """systemd writes Description= and WorkingDirectory= unescaped into the transient
+    unit's file (/run/systemd/transient), read again at each daemon-reload: a newline in
+    a name (the QEMU's -name) or a working directory (its user's choice) would add lines
+    such as ``ExecStopPost=+/tmp/evil`` (run as root).  The name is shown escaped; a
+    working directory, executable or argv word with a control character is refused."""
+    evil = "web\n[Service]\nExecStopPost=+/tmp/evil"
+    how = relaunch_as(CTX, ("q",))
+    props = dict((n, v) for n, _, v in SystemdLauncher.properties(evil, "/q", ["q"], how))
+    assert props["Description"] == (
+        "QEMU VM web\\n[Service]\\nExecStopPost=+/tmp/evil (restored by cprd)"
+    )
+    assert not any("\n" in str(v) or "\r" in str(v) for v in props.values())
+    bad_cwd = RunAs(1000, 1000, (), "/srv/vm\n[Service]\nExecStopPost=+/tmp/evil", (), "")
+    with pytest.raises(LaunchError, match=r"its working directory .* has a control character"):
+        SystemdLauncher.properties("web", "/q", ["q"], bad_cwd)
+    with pytest.raises(LaunchError, match=r"its argv word .* has a control character"):
+        SystemdLauncher.properties("web", "/q", ["q", "-name", "a\rb"], how)
+    with pytest.raises(LaunchError, match=r"its executable .* has a control character"):
+        SystemdLauncher.properties("web", "/q\x7f", ["q"], how)
+    # refused at check already, before the VM is saved
+    ctx = ProcessContext(1000, 1000, (), "/srv/vm\nx", ())
+    assert run_as_problem((1000,) * 4, (1000,) * 4, ctx, ("q",), (1000,)) == (
+        "its working directory '/srv/vm\\nx' has a control character: cprd does not hand "
+        "it to systemd"
+    )
+
+
 # --- the manifest -----------------------------------------------------------------------
 
 
