@@ -462,6 +462,51 @@ async def test_cpr_transfer_of_a_qemu_that_dropped_root(
     assert oct(os.stat(cfg.state_dir).st_mode & 0o777) == "0o700"
 
 
+def _rewrite_argv(pid: int, old: bytes, new: bytes) -> None:
+    """Overwrite ``old`` with ``new`` (same length) in the argv strings of ``pid``."""
+    assert len(old) == len(new)
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (proc(5))
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        at = mem.read(end - start).index(old)
+        mem.seek(start + at)
+        mem.write(new)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review finding A (not fixed): a QEMU that dropped root itself is relaunched as "
+    "root with the argv its own (dropped) user can rewrite in /proc/PID/cmdline",
+)
+async def test_a_dropped_qemu_cannot_rewrite_what_root_runs(
+    guests: GuestFactory, vm_dir_root: Path
+) -> None:
+    """A guest that takes over its QEMU (``-run-with user=nobody``: nobody from then on)
+    rewrites its argv in place (its own memory; root writes /proc/PID/mem here, as the
+    QEMU itself would write its stack): ``-netdev tap,script=`` in it would make the
+    root-started relaunch run a program of its choosing as root, before QEMU drops root.
+    cprd must refuse that relaunch at check, or not relaunch it as root."""
+    pad = "p" * 60
+    extra = ["-run-with", "user=nobody", "-device", f"virtio-rng-pci,id={pad}"]
+    (vm,) = guests(GuestSpec("hijack", extra_args=extra))
+    assert _status(vm.pid)["Uid"] == [NOBODY] * 4
+    evil = b"tap,script=/tmp/evil.sh,downscript=no,id="
+    old = b"-device\0virtio-rng-pci,id=" + pad.encode()
+    _rewrite_argv(vm.pid, old, b"-netdev\0" + evil + b"n" * (len(old) - 8 - len(evil)))
+    inventory = Inventory(_config(vm_dir_root, 4242))
+    try:
+        await inventory.scan()
+        (handle,) = inventory.vms()
+        facts, ident = handle.facts, handle.identity
+        assert ident is not None and "script=/tmp/evil.sh" in " ".join(facts.argv)
+        problem = run_as_problem(ident.uids, ident.gids, facts.process, facts.argv, (4242,))
+        how = relaunch_as(facts.process, facts.argv)
+        assert problem is not None or how.uid != 0, (how, facts.argv)
+    finally:
+        await inventory.close()
+
+
 def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
     """The per-VM socket directory: a root QEMU's in state_dir (0700); another's owned by
     the QEMU's user, 0700, in a root-owned 0711 parent (created if missing); a parent
