@@ -38,7 +38,7 @@ from typing import Any
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, LaunchError, QMPError
-from cprd.hosts import ProcessContext, relaunch_as
+from cprd.hosts import ProcessContext, relaunch_as, run_as_problem
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
@@ -218,6 +218,18 @@ class Upgrader:
             elif exe not in versions:
                 versions[exe] = qemu_version(exe)
             ok, why = transfer_path(handle.facts, versions[exe])
+            ident = handle.facts.identity
+            problem = run_as_problem(
+                ident.uids if ident else (),
+                ident.gids if ident else (),
+                handle.facts.process,
+                handle.facts.argv,
+                self.config.discovery.trusted_uids,
+            )
+            if ok and problem is not None:
+                # The new QEMU is relaunched as the plan allows (hosts.relaunch_as) or not
+                # at all: the file path's plan refuses it, before anything stops.
+                ok, why = False, f"{problem}: not moved"
             out.append((handle, exe, ok, why))
         return out
 

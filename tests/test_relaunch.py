@@ -462,6 +462,31 @@ async def test_cpr_transfer_of_a_qemu_that_dropped_root(
     assert oct(os.stat(cfg.state_dir).st_mode & 0o777) == "0o700"
 
 
+async def test_cpr_transfer_relaunches_only_what_the_plan_would(
+    guests: GuestFactory, vm_dir_root: Path
+) -> None:
+    """The cpr-transfer path asks :func:`cprd.hosts.run_as_problem` as the save's plan
+    does: a QEMU whose working directory was deleted is not moved with cpr-transfer
+    (the file path's plan then refuses it, before anything stops)."""
+    cwd = vm_dir_root / "doomed-cwd"
+    cwd.mkdir()
+    aux = ["-machine", "aux-ram-share=on"]
+    (vm,) = guests(GuestSpec("cwdgone", memory=Memory.MEMFD, extra_args=aux, cwd=cwd))
+    cwd.rmdir()
+    inventory = Inventory(_config(vm_dir_root, 4242))
+    try:
+        ((_, _, ok, why),) = await Upgrader(inventory.config, inventory).paths(
+            None, None, probe=False
+        )
+    finally:
+        await inventory.close()
+    assert (ok, why) == (
+        False,
+        f"its working directory {cwd} (deleted) is gone: cprd cannot relaunch it there: not moved",
+    )
+    assert vm.runstate() == "running"
+
+
 def _rewrite_argv(pid: int, old: bytes, new: bytes) -> None:
     """Overwrite ``old`` with ``new`` (same length) in the argv strings of ``pid``."""
     assert len(old) == len(new)
