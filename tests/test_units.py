@@ -184,7 +184,10 @@ def test_daemon_sandbox_still_reaches_what_cprd_needs() -> None:
         "CAP_DAC_OVERRIDE",
         "CAP_DAC_READ_SEARCH",
         "CAP_KILL",
+        "CAP_CHOWN",  # cpr-transfer: a non-root QEMU's socket directory is given to it
     }
+    assert single(unit, "Service", "RuntimeDirectory") == "cprd-transfer"
+    assert single(unit, "Service", "RuntimeDirectoryMode") == "0711"
     assert "User" not in svc
     assert "DynamicUser" not in svc
 
