@@ -529,6 +529,15 @@ def run_as_problem(
             f"runs with mixed credentials (uids {'/'.join(map(str, uids))}, gids "
             f"{'/'.join(map(str, gids))}): cprd relaunches a QEMU as one uid and gid"
         )
+    if uid != 0 and dropped and uid not in set(trusted):
+        # Relaunched as root (so that it drops again) from an argv read from its own
+        # memory, which uid N can rewrite (a guest that took over this QEMU: `-netdev
+        # tap,script=` runs before the drop): that is root trusting uid N.
+        return (
+            f"drops root to uid {uid} itself (-run-with user=/-runas), so a restore runs "
+            f"its argv as root, and uid {uid} can rewrite that argv in its memory: add "
+            f"{uid} to discovery.trusted_uids to trust it so"
+        )
     if uid != 0 and not dropped and uid not in set(trusted):
         return (
             f"runs as uid {uid}, neither dropped to by its own -run-with user= nor in "

@@ -28,11 +28,11 @@ pytestmark = pytest.mark.qemu
 MIB = 2**20
 
 
-def make_config(root: Path, extra: str = "") -> config.Config:
+def make_config(root: Path, extra: str = "", trusted_uids: tuple[int, ...] = ()) -> config.Config:
     cfg = root / "cprd.yaml"
     cfg.write_text(
         f"state_dir: {root}/state\n"
-        f"discovery: {{qmp_sockets: ['{root}/*/qmp.sock'],\n"
+        f"discovery: {{qmp_sockets: ['{root}/*/qmp.sock'], trusted_uids: {list(trusted_uids)},\n"
         f"            agent_socket: '{root}/{{name}}/qga.sock'}}\n"
         "save: {space_margin_mib: 16, timeout_s: 120}\n"
         "restore: {timeout_s: 120}\n" + extra

@@ -348,8 +348,14 @@ def test_a_qemu_run_as_another_user_is_planned_when_its_uid_is_trusted() -> None
     assert any("mixed credentials" in p for p in refused.problems), refused.problems
     dropped = dataclasses.replace(ident, uids=(65534,) * 4)
     argv = ("qemu", "-run-with", "user=nobody")
-    ok = plan.plan_vm(facts(identity=dropped, argv=argv), VMSettings(), SaveSettings(), "ext4")
-    assert not any("runs as uid" in p for p in ok.problems), ok.problems
+    untrusted = plan.plan_vm(
+        facts(identity=dropped, argv=argv), VMSettings(), SaveSettings(), "ext4"
+    )
+    assert any("drops root to uid 65534" in p for p in untrusted.problems), untrusted.problems
+    ok = plan.plan_vm(
+        facts(identity=dropped, argv=argv), VMSettings(), SaveSettings(), "ext4", (65534,)
+    )
+    assert not any("uid" in p for p in ok.problems), ok.problems
     root = dataclasses.replace(ident, uids=(0,) * 4)
     assert not any(
         "runs as uid" in p

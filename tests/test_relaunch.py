@@ -148,9 +148,18 @@ def test_run_as_problem_grid() -> None:
     qemu = ("qemu-system-x86_64",)
     drop = (*qemu, "-run-with", "user=nobody")
     assert run_as_problem((0,) * 4, (0,) * 4, None, qemu, ()) is None
-    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, ()) is None
+    # Dropped root itself: relaunched as root from an argv uid NOBODY can rewrite, so
+    # only when the operator trusts that uid (review finding A).
+    dropped_problem = (
+        f"drops root to uid {NOBODY} itself (-run-with user=/-runas), so a restore runs its "
+        f"argv as root, and uid {NOBODY} can rewrite that argv in its memory: add {NOBODY} to "
+        "discovery.trusted_uids to trust it so"
+    )
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, ()) == dropped_problem
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, (NOBODY,)) is None
     root_started = ProcessContext(NOBODY, NOBODY, (), "/", (), started_as_root=True)
-    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, ()) is None
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, ()) == (dropped_problem)
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, (NOBODY,)) is None
     never_root = ProcessContext(NOBODY, NOBODY, (), "/", ())
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, never_root, drop, ()) == (
         f"runs as uid {NOBODY}, neither dropped to by its own -run-with user= nor in "
@@ -302,12 +311,12 @@ def _environ(pid: int) -> dict[str, str]:
     return dict(e.decode().split("=", 1) for e in raw.split(b"\0") if e)
 
 
-def _config(root: Path, trusted: int) -> config.Config:
+def _config(root: Path, *trusted: int) -> config.Config:
     cfg = root / "cprd.yaml"
     cfg.write_text(
         f"state_dir: {root}/state\n"
         f"discovery: {{qmp_sockets: ['{root}/*/qmp.sock'],\n"
-        f"            agent_socket: '{root}/{{name}}/qga.sock', trusted_uids: [{trusted}]}}\n"
+        f"            agent_socket: '{root}/{{name}}/qga.sock', trusted_uids: {list(trusted)}}}\n"
         "save: {space_margin_mib: 16, timeout_s: 120}\n"
         "restore: {timeout_s: 120}\n"
     )
@@ -445,7 +454,7 @@ async def test_cpr_transfer_of_a_qemu_that_dropped_root(
     (vm,) = guests(GuestSpec("dropx", memory=Memory.MEMFD, extra_args=aux))
     old = vm.pid
     assert _status(old)["Uid"] == [NOBODY] * 4
-    cfg = _config(vm_dir_root, 4242)
+    cfg = _config(vm_dir_root, 4242, NOBODY)  # nobody trusted: relaunched as root, drops
     inventory = Inventory(cfg)
     upgrader = Upgrader(cfg, inventory)
     try:
@@ -499,11 +508,6 @@ def _rewrite_argv(pid: int, old: bytes, new: bytes) -> None:
         mem.write(new)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review finding A (not fixed): a QEMU that dropped root itself is relaunched as "
-    "root with the argv its own (dropped) user can rewrite in /proc/PID/cmdline",
-)
 async def test_a_dropped_qemu_cannot_rewrite_what_root_runs(
     guests: GuestFactory, vm_dir_root: Path
 ) -> None:
@@ -511,7 +515,8 @@ async def test_a_dropped_qemu_cannot_rewrite_what_root_runs(
     rewrites its argv in place (its own memory; root writes /proc/PID/mem here, as the
     QEMU itself would write its stack): ``-netdev tap,script=`` in it would make the
     root-started relaunch run a program of its choosing as root, before QEMU drops root.
-    cprd must refuse that relaunch at check, or not relaunch it as root."""
+    cprd must refuse that relaunch at check, or not relaunch it as root: it refuses it
+    unless the operator trusts uid nobody (discovery.trusted_uids)."""
     pad = "p" * 60
     extra = ["-run-with", "user=nobody", "-device", f"virtio-rng-pci,id={pad}"]
     (vm,) = guests(GuestSpec("hijack", extra_args=extra))
