@@ -10,8 +10,8 @@ the config's state_dir it writes:
   ``<unit>.d/50-cprd-restore.conf`` (:func:`cprd.units.dropin`), so the unit's own start
   at boot is skipped and cprd-restore's start runs the replayed argv with ``-incoming
   defer`` (no cold boot, no second QEMU on the same disks);
-- ``cprd-restore.service.d/50-cprd-needs.conf``: RequiresMountsFor= every path the
-  saved VMs need (state files, disk images, memory files, sockets, the binary), so
+- ``cprd-restore.service.d/50-cprd-needs.conf``: Wants= + After= the mount units of every
+  path the saved VMs need (state files, disk images, memory files, sockets, the binary), so
   cprd-restore starts as early as those mounts allow.
 
 Once a VM is restored (manifest) or its restore failed in this boot (a mark in

@@ -312,12 +312,49 @@ def mount_needs(
     return out
 
 
+def escape_path(path: str) -> str:
+    """systemd's path escaping (``systemd-escape --path``), as in mount unit names (pure):
+    slashes become ``-``; anything but ASCII letters, digits, ``:``, ``_`` and a ``.``
+    that does not lead becomes ``\\xNN`` per byte."""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "-"
+    out: list[str] = []
+    for i, ch in enumerate("/".join(parts)):
+        if ch == "/":
+            out.append("-")
+        elif ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
+            out.append(ch)
+        else:
+            out.append("".join(f"\\x{b:02x}" for b in ch.encode("utf-8", "surrogateescape")))
+    return "".join(out)
+
+
+def mount_units(paths: Iterable[str]) -> list[str]:
+    """The mount units that may hold ``paths`` (pure): one per leading directory of each
+    path (and the path itself), deduplicated, in order; the root is always mounted."""
+    out: list[str] = []
+    for path in paths:
+        parts = [p for p in path.split("/") if p]
+        for n in range(1, len(parts) + 1):
+            unit = escape_path("/".join(parts[:n])) + ".mount"
+            if unit not in out:
+                out.append(unit)
+    return out
+
+
 def needs_dropin(paths: Sequence[str]) -> str:
-    """The drop-in for cprd-restore.service ordering it after the mounts ``paths`` need."""
-    body = "".join(f"RequiresMountsFor={p.replace('%', '%%')}\n" for p in paths)
+    """The drop-in for cprd-restore.service ordering it after the mounts ``paths`` need.
+
+    ``Wants=`` and ``After=`` on the mount units, not ``RequiresMountsFor=``: most of
+    these paths come from QEMU argv and QMP answers, which the QEMU's user (or a guest
+    that took over the QEMU) chose; a path on a mount that fails must cost that VM its
+    restore, never stop cprd-restore for every VM (a wanted unit that fails or does not
+    exist does not).  cprd-restore.service itself requires state_dir's mount."""
+    body = "".join(f"Wants={u}\nAfter={u}\n" for u in mount_units(paths))
     return (
         "# Written by cprd-generator: cprd-restore starts once the file systems the saved\n"
         "# VMs need are mounted (state files, disk images, memory files, sockets), not\n"
-        "# after every mount of the host.\n"
+        "# after every mount of the host; a mount that fails costs only the VMs on it.\n"
         "[Unit]\n" + body
     )
