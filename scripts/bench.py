@@ -335,7 +335,7 @@ async def predicted(cfg: Config, inventory: Inventory, bw: pr.Bandwidth) -> dict
     """What `cprdctl check` predicts for the (one) VM of cfg, from bandwidth bw."""
     plans, _ = await Saver(cfg, inventory).plan()
     (_, plan), *_ = plans
-    mode = pr.SaveMode.IN_PLACE if plan.in_place else pr.SaveMode.STOP_FIRST
+    mode = pr.save_mode(in_place=plan.in_place, live=plan.live)
     p = pr.predict(plan.bytes_to_write, mode, bw)
     return {"mode": mode.value, "bytes": p.bytes_to_write, "stopped_s": p.stopped_s,
             "restore_s": p.restore_s}  # fmt: skip
