@@ -38,7 +38,8 @@ cprd stops it, at step ``stopping``).  A lost VM is booted again.  ``live`` adds
 own: ``stopping`` (only it records that step), and ``migrating@live``, the failpoint at
 ``migrating`` named for ``live`` (a fault while the VM still runs) rather than for ``s3``.
 A VM that cprd had not stopped yet when the failure hit (``live`` with no step past
-``migrating`` recorded) must never have been stopped: its QEMU (the same process) logs
+``migrating`` recorded, or failed at ``stopping``, recorded but not taken, by a fault that
+ends cprd's path there) must never have been stopped: its QEMU (the same process) logs
 every runstate change (``-trace runstate_set``) and must log none during the cell.  The
 slice (default) runs every step once and every fault once, ``stopping`` with every fault
 and ``migrating@live`` once; ``--full`` the whole matrix.  Both
@@ -84,6 +85,10 @@ LIVE_VM = "live"  # saved live: migrating while it runs, then stopping
 #: Steps a live VM records without cprd ever stopping it: a failure there must leave its
 #: QEMU running all along (the live save cancelled, never a ``stop``).
 NEVER_STOPPED = frozenset({"planned", "migrating", "resumed"})
+#: Faults that end cprd's path at the failpoint: one at ``stopping`` (recorded, not yet
+#: taken) hits a live save before its ``stop`` is sent, while the migration still runs.
+#: (``stop-qemu`` does not: cprd goes on and its ``stop`` waits in the frozen QEMU.)
+BEFORE_STOP = frozenset({"raise", "cancel", "enospc", "kill-cprd"})
 OP_TIMEOUT = 240.0
 #: Steps recorded once cprd has seen the VM running again: a QEMU killed there is a crash
 #: after the operation (its state file is stale by then), not something cprd can undo.
@@ -281,11 +286,13 @@ class Run:
                 steps |= {s for s, v in zip(words[0::2], words[1::2], strict=False) if v == name}
         return steps
 
-    def never_stopped(self, name: str) -> str:
-        """A problem if VM ``name`` was stopped (or replaced) although cprd recorded no step
-        that stops it ("" if not, or if it is not the live VM)."""
+    def never_stopped(self, cell: Cell, name: str) -> str:
+        """A problem if the live VM ``name`` was stopped (or replaced) although the failure
+        hit before cprd stopped it: cprd recorded no step that stops it, or the cell's
+        fault ended cprd's path at its ``stopping`` step, before the ``stop``."""
         seen = self.history.get(name, set()) | self.traced(name)
-        if name != LIVE_VM or not seen <= NEVER_STOPPED:
+        at_stop = (cell.vm, cell.step) == (name, Step.STOPPING.value) and cell.fault in BEFORE_STOP
+        if name != LIVE_VM or not (seen <= NEVER_STOPPED or at_stop):
             return ""
         vm = self.vms[name]
         pid, offset = self.runstate_mark
@@ -502,7 +509,7 @@ class Run:
                     vm.wait_tick_above(max(now, before[name]), timeout=20)
                     if vm.serial_text().count(harness.READY_MARK) > readies[name]:
                         problems.append(f"{name}: booted afresh (its memory is lost)")
-                    if cell.fault != STORM and (problem := self.never_stopped(name)):
+                    if cell.fault != STORM and (problem := self.never_stopped(cell, name)):
                         problems.append(problem)
             except TimeoutError as err:
                 problems.append(f"{name}: runs but its counter does not go on: {err}")
