@@ -37,9 +37,9 @@ kexec-e2e: setup
 
 # Issue 12: the fault-style tests (hostile guest agents, SIGSTOP/ENOSPC/SIGKILL mid-save, the
 # fault cells, 32 guests at once), then every journalled step x every fault on real guests
-# (tests/fault_matrix.py).  The matrix slice: every step once and every fault once; FULL=1 the
-# whole matrix.  Prints the matrix and `N passed, M failed`; fails on any FAIL or a cell count
-# short of the plan.
+# (tests/fault_matrix.py).  The matrix slice: every step once, every fault once and the end of a
+# live save (step stopping) with every fault; FULL=1 the whole matrix.  Prints the matrix and
+# `N passed, M failed`; fails on any FAIL or a cell count short of the plan.
 faults: setup
 	$(VENV)/bin/pytest -ra -m faults $(PYTEST_ARGS)
 	PYTHONPATH=$(CURDIR) $(PY) tests/fault_matrix.py $(if $(filter 1,$(FULL)),--full) $(FAULTS_ARGS)

@@ -338,9 +338,14 @@ class Saver:
         raised.  ``isolate``: a failure is that VM's alone (``w.error``)."""
         sem = asyncio.Semaphore(self.config.save.concurrency)
         if isolate:
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(self._save_one(journal, w, sem) for w in work), return_exceptions=True
             )
+            for w, result in zip(work, results, strict=True):
+                # A save cancelled on its own (a cancelled prepare raises from the gather) is a
+                # failure of that VM: its live migration must be put back, not left running.
+                if isinstance(result, asyncio.CancelledError) and not w.error:
+                    w.error = "its save was cancelled"
             return
         async with asyncio.TaskGroup() as group:
             for w in work:

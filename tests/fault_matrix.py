@@ -31,9 +31,20 @@ plus ``check-storm``: the same operation through the real daemon on a private bu
 another client calls Check in a loop (a QMP socket serves one client at a time, so a storm
 must go through the daemon); one cell per operation.
 
-Two guests are reused across cells: ``s3`` (private RAM, ``suspend: always``, real
-qemu-ga) and ``disk`` (RAM in a shared file).  A lost VM is booted again.  The slice
-(default) runs every step once and every fault once; ``--full`` the whole matrix.  Both
+Three guests are reused across cells: ``s3`` (private RAM, ``suspend: always``, real
+qemu-ga), ``disk`` (RAM in a shared file) and ``live`` (private RAM copied while it runs:
+saved live, its guest rewriting 8 MiB so that QEMU never finishes the save by itself and
+cprd stops it, at step ``stopping``).  A lost VM is booted again.  ``live`` adds rows of its
+own: ``stopping`` (only it records that step), and ``migrating@live``, the failpoint at
+``migrating`` named for ``live`` (a fault while the VM still runs) rather than for ``s3``.
+A VM that cprd had not stopped yet when the failure hit (``live`` with no step past
+``migrating`` recorded, or failed at ``stopping``, recorded but not taken, by a fault that
+ends cprd's path there) must never have been stopped: its QEMU (the same process) logs
+every runstate change (``-trace runstate_set``) and must log no ``paused`` (what cprd's
+``stop`` does) during the cell; QEMU's own last pass (``finish-migrate``, when a pass found
+nothing dirty) is its convergence, not a stop by cprd.  The
+slice (default) runs every step once and every fault once, ``stopping`` with every fault
+and ``migrating@live`` once; ``--full`` the whole matrix.  Both
 print the matrix and end with ``N passed, M failed``; the exit status is non-zero on any
 FAIL or if the number of cells executed differs from the number planned.
 """
@@ -72,6 +83,14 @@ STORM = "check-storm"
 FAULTS = (*FAILPOINT_FAULTS, STORM)
 OPS = ("prepare", "prepare+commit", "resume", "restore", "anyway")
 SHUTDOWN_VM = "disk"  # the anyway path shuts this one down instead of saving it
+LIVE_VM = "live"  # saved live: migrating while it runs, then stopping
+#: Steps a live VM records without cprd ever stopping it: a failure there must leave its
+#: QEMU running all along (the live save cancelled, never a ``stop``).
+NEVER_STOPPED = frozenset({"planned", "migrating", "resumed"})
+#: Faults that end cprd's path at the failpoint: one at ``stopping`` (recorded, not yet
+#: taken) hits a live save before its ``stop`` is sent, while the migration still runs.
+#: (``stop-qemu`` does not: cprd goes on and its ``stop`` waits in the frozen QEMU.)
+BEFORE_STOP = frozenset({"raise", "cancel", "enospc", "kill-cprd"})
 OP_TIMEOUT = 240.0
 #: Steps recorded once cprd has seen the VM running again: a QEMU killed there is a crash
 #: after the operation (its state file is stale by then), not something cprd can undo.
@@ -164,10 +183,16 @@ class Cell:
     step: str  # "*" for the storm: the whole operation
     fault: str
     vm: str = ""  # the failpoint's VM
+    #: a second row of the step, for another VM than the usual one: ``step@vm`` in the key
+    named: bool = False
+
+    @property
+    def row(self) -> str:
+        return f"{self.step}@{self.vm}" if self.named else self.step
 
     @property
     def key(self) -> str:
-        return f"{self.op}/{self.step}/{self.fault}"
+        return f"{self.op}/{self.row}/{self.fault}"
 
 
 @dataclasses.dataclass
@@ -193,17 +218,29 @@ class Run:
             f"            agent_socket: '{root}/{{name}}/qga.sock'}}\n"
             # Short timeouts: a SIGSTOPped QEMU or a silent agent costs seconds, not minutes.
             "save: {space_margin_mib: 16, timeout_s: 60, qmp_timeout_s: 3, agent_timeout_s: 10,\n"
-            "       quit_timeout_s: 5, suspend_timeout_s: 10, shutdown_timeout_s: 3}\n"
+            # live_max_s: a bound in case the live phase does not end by itself (its wave
+            # goes once the first pass is written, a second or two here).
+            "       quit_timeout_s: 5, suspend_timeout_s: 10, shutdown_timeout_s: 3,\n"
+            "       live_max_s: 10}\n"
             "restore: {timeout_s: 60}\n"
             "vms: {s3: {suspend: always}}\n"
         )
         self.specs = {
             "s3": GuestSpec("s3"),
             "disk": GuestSpec("disk", memory=Memory.FILE),
+            # Every runstate change of its QEMU in runstate.log (QEMU's log trace backend):
+            # the proof that a live VM cprd had not stopped was never stopped.
+            LIVE_VM: GuestSpec(
+                LIVE_VM,
+                dirty_mib=8,
+                extra_args=["-trace", "runstate_set", "-D", str(root / LIVE_VM / "runstate.log")],
+            ),
         }
         self.vms: dict[str, GuestVM] = {}
         self.out: list[str] = []  # what cprd printed during the current cell
         self.history: dict[str, set[str]] = {}  # steps recorded per VM during the cell
+        #: the live VM's QEMU pid and the size of its runstate log when the operation began
+        self.runstate_mark: tuple[int, int] = (0, 0)
 
     # guests ---------------------------------------------------------------------------
 
@@ -229,6 +266,54 @@ class Run:
         """A QEMU that cprd relaunched is followed by its socket, not by our Popen."""
         if vm.proc is not None and vm.proc.poll() is not None:
             vm.proc = None
+
+    def mark_runstates(self) -> None:
+        """Remember where the live VM's runstate log is, before the operation."""
+        vm = self.vms[LIVE_VM]
+        self.follow(vm)
+        pids = vm.running_pids()
+        log = vm.dir / "runstate.log"
+        size = log.stat().st_size if log.exists() else 0
+        self.runstate_mark = (pids[0] if len(pids) == 1 else 0, size)
+        # From now on every step a cprd process records (the recovery's too) is traced here
+        # and in the operation's trace: a manifest removed by a rollback keeps no history.
+        (self.log_dir / "trace.recover").unlink(missing_ok=True)
+
+    def traced(self, name: str) -> set[str]:
+        """The steps every traced cprd process recorded for VM ``name`` since the mark."""
+        steps: set[str] = set()
+        for path in (self.log_dir / "trace.recover", self.log_dir / "trace.cell"):
+            if path.exists():
+                words = path.read_text().split()
+                steps |= {s for s, v in zip(words[0::2], words[1::2], strict=False) if v == name}
+        return steps
+
+    def never_stopped(self, cell: Cell, name: str) -> str:
+        """A problem if the live VM ``name`` was stopped (or replaced) although the failure
+        hit before cprd stopped it: cprd recorded no step that stops it, or the cell's
+        fault ended cprd's path at its ``stopping`` step, before the ``stop``."""
+        seen = self.history.get(name, set()) | self.traced(name)
+        at_stop = (cell.vm, cell.step) == (name, Step.STOPPING.value) and cell.fault in BEFORE_STOP
+        if name != LIVE_VM or not (seen <= NEVER_STOPPED or at_stop):
+            return ""
+        vm = self.vms[name]
+        pid, offset = self.runstate_mark
+        pids = vm.running_pids()
+        steps = ", ".join(sorted(seen)) or "none"
+        if pids != [pid]:
+            return f"{name}: cprd never stopped it (steps {steps}) yet its QEMU {pid} is now {pids}"
+        with open(vm.dir / "runstate.log", "rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+        # cprd's `stop` makes it paused; QEMU's own last pass (a pass that found nothing
+        # dirty: a vCPU starved on a loaded host) goes through finish-migrate instead, and
+        # is QEMU's convergence, not a stop by cprd.
+        changes = [
+            line.split(" ", 1)[1] for line in text.splitlines() if line.startswith("runstate_set ")
+        ]
+        if any(change.endswith("(paused)") for change in changes):
+            return f"{name}: cprd never stopped it (steps {steps}) yet QEMU logged {changes[:3]}"
+        return ""
 
     def readies(self) -> dict[str, int]:
         return {n: vm.serial_text().count(harness.READY_MARK) for n, vm in self.vms.items()}
@@ -265,7 +350,7 @@ class Run:
 
     def cprd(self, *args: str, failpoint: str = "", trace: Path | None = None) -> int:
         """One cprd process (the CLI's main, or the anyway driver); its output is kept."""
-        trace = trace or self.log_dir / "trace.discard"
+        trace = trace or self.log_dir / "trace.recover"
         self.note_history()
         mode = "anyway" if args[:1] == ("anyway",) else "cli"
         rest = [str(self.config)] if mode == "anyway" else ["--config", str(self.config), *args]
@@ -429,6 +514,8 @@ class Run:
                     vm.wait_tick_above(max(now, before[name]), timeout=20)
                     if vm.serial_text().count(harness.READY_MARK) > readies[name]:
                         problems.append(f"{name}: booted afresh (its memory is lost)")
+                    if cell.fault != STORM and (problem := self.never_stopped(cell, name)):
+                        problems.append(problem)
             except TimeoutError as err:
                 problems.append(f"{name}: runs but its counter does not go on: {err}")
         phase = self.phase()
@@ -466,6 +553,7 @@ class Run:
             return self._result(cell, "FAIL", start, problem)
         before = {n: vm.last_tick() or 0 for n, vm in self.vms.items()}
         readies = self.readies()
+        self.mark_runstates()
         trace = self.log_dir / "trace.cell"
         trace.unlink(missing_ok=True)
         storm = ""
@@ -474,7 +562,9 @@ class Run:
         else:
             rc = self.op(cell.op, f"{cell.step}:{cell.fault}:{cell.vm}", trace)
         reached = trace.read_text().split() if trace.exists() else []
-        if cell.fault != STORM and cell.step not in reached[0::2]:
+        if cell.fault != STORM and (cell.step, cell.vm) not in zip(
+            reached[0::2], reached[1::2], strict=False
+        ):
             self.recover(cell.op, killed=False)
             return self._result(cell, "FAIL", start, f"the step was never reached: {reached}")
         self.out.append(f"(manifest after the operation)\n{self.manifest_text()}")
@@ -648,7 +738,8 @@ def baseline(run: Run) -> dict[str, list[tuple[str, str]]]:
             raise SystemExit(f"baseline {op}: {problem}\n" + "\n".join(run.out))
         before = {n: vm.last_tick() or 0 for n, vm in run.vms.items()}
         readies = run.readies()
-        trace = run.log_dir / f"trace.baseline-{op}"
+        run.mark_runstates()
+        trace = run.log_dir / "trace.cell"
         trace.unlink(missing_ok=True)
         rc = run.op(op, "", trace)
         run.recover(op, killed=False)
@@ -660,15 +751,19 @@ def baseline(run: Run) -> dict[str, list[tuple[str, str]]]:
         if op in ("prepare", "prepare+commit", "anyway") and ("saved", "s3") not in pairs:
             # Under load s3's agent may miss the preflight: then nothing of it is traced.
             raise SystemExit(f"baseline {op}: s3 was not saved: {pairs}\n" + "\n".join(run.out))
+        if op in ("prepare", "prepare+commit", "anyway") and ("stopping", LIVE_VM) not in pairs:
+            # Its guest keeps dirtying memory: QEMU cannot finish the live save by itself.
+            raise SystemExit(f"baseline {op}: {LIVE_VM} was not saved live: {pairs}")
         out[op] = pairs
         print(f"baseline {op}: {' '.join(f'{s}({v})' for s, v in pairs)}", flush=True)
     return out
 
 
-def rows_of(steps: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str, str]]:
-    """(op, step, the VM the failpoint names), in the order of :class:`Step` (not of a
-    run, so that the slice is the same every time); the VM is ``s3`` when it records the
-    step (it is suspended first: more to undo), else ``disk``."""
+def rows_of(steps: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str, str, bool]]:
+    """(op, step, the VM the failpoint names, named), in the order of :class:`Step` (not
+    of a run, so that the slice is the same every time); the VM is ``s3`` when it records
+    the step (it is suspended first: more to undo), else ``disk``, else ``live``.  A
+    second row ``migrating@live`` (named) fails the live VM while it still runs."""
     order = [s.value for s in Step]
     rows = []
     for op in OPS:
@@ -676,32 +771,43 @@ def rows_of(steps: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str, str
         for step, vm in steps[op]:
             vms.setdefault(step, set()).add(vm)
         for step in sorted(vms, key=order.index):
-            rows.append((op, step, "s3" if "s3" in vms[step] else min(vms[step])))
+            first = "s3" if "s3" in vms[step] else min(vms[step])
+            rows.append((op, step, first, False))
+            if step == Step.MIGRATING.value and first != LIVE_VM and LIVE_VM in vms[step]:
+                rows.append((op, step, LIVE_VM, True))
     return rows
 
 
 def plan(steps: dict[str, list[tuple[str, str]]], full: bool) -> list[Cell]:
     rows = rows_of(steps)
     if full:
-        cells = [Cell(op, step, f, vm) for op, step, vm in rows for f in FAILPOINT_FAULTS]
+        cells = [Cell(op, s, f, vm, named) for op, s, vm, named in rows for f in FAILPOINT_FAULTS]
         return cells + [Cell(op, "*", STORM) for op in OPS]
-    # The slice: every step once (the first operation that records it), every operation
-    # at least once, every fault once.
-    chosen: list[tuple[str, str, str]] = []
-    covered: set[str] = set()
+    # The slice: every row label once (the first operation that records it), every
+    # operation at least once, every fault once.
+    chosen: list[tuple[str, str, str, bool]] = []
+    covered: set[tuple[str, bool]] = set()
     for row in rows:
-        if row[1] not in covered:
+        if (row[1], row[3]) not in covered:
             chosen.append(row)
-            covered.add(row[1])
+            covered.add((row[1], row[3]))
     for op in OPS:
         if not any(r[0] == op for r in chosen):
             chosen.append(next(r for r in rows if r[0] == op))
     while len(chosen) < len(FAILPOINT_FAULTS):
         chosen.append(rows[len(chosen) % len(rows)])
     cells = [
-        Cell(op, step, FAILPOINT_FAULTS[i % len(FAILPOINT_FAULTS)], vm)
-        for i, (op, step, vm) in enumerate(chosen)
+        Cell(op, step, FAILPOINT_FAULTS[i % len(FAILPOINT_FAULTS)], vm, named)
+        for i, (op, step, vm, named) in enumerate(chosen)
     ]
+    # The end of a live phase with every fault (issue 12's promise for live saves): the
+    # faults the slice has not given it yet, spread over the operations that record it.
+    stopping = [r for r in rows if r[1] == Step.STOPPING.value]
+    done = {c.fault for c in cells if c.step == Step.STOPPING.value}
+    missing = [f for f in FAILPOINT_FAULTS if f not in done]
+    for i, fault in enumerate(missing):
+        op, step, vm, named = stopping[(i + 1) % len(stopping)]
+        cells.append(Cell(op, step, fault, vm, named))
     return [*cells, Cell("prepare+commit", "*", STORM)]
 
 
@@ -709,7 +815,9 @@ def matrix(
     results: list[Result], cells: list[Cell], steps: dict[str, list[tuple[str, str]]]
 ) -> str:
     got = {r.cell.key: r.verdict for r in results}
-    rows = [(op, step) for op, step, _ in rows_of(steps)] + [(op, "*") for op in OPS]
+    rows = [(op, f"{step}@{vm}" if named else step) for op, step, vm, named in rows_of(steps)] + [
+        (op, "*") for op in OPS
+    ]
     width = max(len(f"{op}/{step}") for op, step in rows) + 2
     head = "".ljust(width) + "".join(f.ljust(11) for f in FAULTS)
     lines = [head, "-" * len(head)]

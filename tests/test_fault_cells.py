@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 from harness import GuestFactory, GuestSpec
 from test_cycle import make_config
+from test_live import make_config as live_config
+from test_live import stops_of
 
+from cprd import failpoint
 from cprd import manifest as mf
 from cprd.inventory import Inventory
 from cprd.manifest import Journal, Manifest, Phase
@@ -138,3 +141,33 @@ def test_an_interrupted_shutdown_is_taken_up_again() -> None:
     assert decide(leave, Seen(Qemu.UP, "running"), Intent.COMMIT_ANYWAY).action is Action.DONE
     # The kexec can still be stopped: nothing is shut down there.
     assert decide(f, Seen(Qemu.UP, "running"), Intent.COMMIT).action is Action.WAIT
+
+
+async def test_a_live_save_cancelled_on_the_anyway_path_is_put_back(
+    guests: GuestFactory, vm_dir_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cell anyway/stopping/cancel: on the save-what-can-be-saved path one VM's save
+    task was cancelled at the end of its live phase (before its ``stop``).  The gather of
+    the isolated saves returned that CancelledError as a result, no error was noted for
+    the VM, and its live migration was left running with nobody to cancel it: the prepare
+    called it done, QEMU stopped the guest when a pass found nothing dirty, and commit
+    took it for saved.  A save cancelled on its own is that VM's failure: put back (its
+    migration cancelled, never stopped), to be shut down at commit."""
+    (vm,) = guests(GuestSpec("live", dirty_mib=8))
+    vm.wait_tick_above(2)
+    cfg = live_config(vm_dir_root)
+    monkeypatch.setenv(failpoint.ENV, "stopping:cancel:live")
+    monkeypatch.setattr(failpoint, "_armed", None)
+    inventory = Inventory(cfg)
+    try:
+        async with stops_of(vm) as stops:
+            manifest = await Saver(cfg, inventory).prepare(anyway=True)
+        assert stops.at["live"] == []
+    finally:
+        await inventory.close()
+    (rec,) = manifest.vms
+    assert manifest.phase is Phase.PREPARED
+    assert (rec.step, rec.reason) == (Step.RESUMED, "its save was cancelled")
+    assert vm.qmp("query-migrate")["status"] == "cancelled"
+    assert vm.runstate() == "running"
+    vm.wait_tick_above(vm.last_tick() or 0)
