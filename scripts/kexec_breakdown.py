@@ -76,11 +76,18 @@ LABELS = {
     "booting": "cprd: cold boot of this VM",
     "restored": "guest: restored, until its first tick",
 }
+#: a VM saved live: it runs while ``migrating`` and stops at ``stopping``
+LIVE_LABELS = {
+    **LABELS,
+    "migrating": "cprd: live save, the VM running (RAM written)",
+    "stopping": "cprd: stopped together, the last pass + fsync",
+}
 #: the host's phases: from the first VM to take a step (the last to be restored)
 HOST_LABELS = {
     "last tick": "guests: after the first VM's last tick, still running",
     "suspending": "cprd: suspends (from the first)",
     "migrating": "cprd: RAM to the state files + fsync (from the first VM stopped)",
+    "stopping": "cprd: live saves stopped together, their last pass + fsync",
     "saved": "cprd: the first VM saved until the manifest is committed",
     "quitting": "cprd: commit (the first QEMU quits)",
     "committed": "cprd: the others quit, manifest committed",
@@ -340,7 +347,13 @@ def breakdown(
         live_from = min((marks[s] for s in LIVE_STEPS if s in marks), default=start)
         out[vm] = Breakdown(
             vm,
-            _phases(start, end, marks.items(), "last tick"),
+            _phases(
+                start,
+                end,
+                marks.items(),
+                "last tick",
+                LIVE_LABELS if "stopping" in marks else LABELS,
+            ),
             outer_s=first[vm][1] - last[vm][1],
             live_s=max(0.0, start - live_from),
         )

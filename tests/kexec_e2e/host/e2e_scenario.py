@@ -592,6 +592,11 @@ def save_path(boot: str) -> dict[str, Any]:
         e["MESSAGE"] = str(e.get("MESSAGE", ""))
         entries.append((int(e["__MONOTONIC_TIMESTAMP"]), e))
     ids = {name: mid for mid, name in EVENTS.items()}
+    # Boot 1 first saves and restores the VMs without a kexec (the unit cycles): only
+    # what follows the last of those restores belongs to the kexec's save.
+    restored = [t for t, e in entries if e.get("MESSAGE_ID") == ids["vm-restored"]]
+    if restored:
+        entries = [(t, e) for t, e in entries if t > max(restored)]
 
     def when(pred: Any) -> list[int]:
         return sorted(t for t, e in entries if pred(e))
