@@ -37,10 +37,10 @@ async def test_prepare_records_every_step_before_it_is_taken(
         saver = Saver(cfg, inventory)
         manifest = await saver.prepare()
         steps = {r.name: [h[0] for h in r.history] for r in manifest.vms}
-        assert steps == {
-            "plain": ["migrating", "saved"],
-            "sus": ["suspending", "migrating", "saved"],
-        }
+        # plain is saved live: cprd records `stopping` before it stops it, unless QEMU
+        # finished on its own first (an idle guest: nothing dirtied after the first pass).
+        assert steps["plain"] in (["migrating", "saved"], ["migrating", "stopping", "saved"])
+        assert steps["sus"] == ["suspending", "migrating", "saved"]
         assert all(r.step is Step.SAVED and r.state_size for r in manifest.vms)
         outcomes = await saver.resume()
     finally:
