@@ -87,7 +87,7 @@ async def test_qemu_sigstopped_during_its_save(guests: GuestFactory, vm_dir_root
     stopped: list[int] = []
 
     def stop_victim(name: str, phase: str, done: int, total: int) -> None:
-        if name == "victim" and phase == "saving" and not stopped:
+        if name == "victim" and phase in ("live", "saving") and not stopped:
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
 
@@ -302,7 +302,7 @@ async def test_state_dir_fills_up_mid_save(
     filler = tmpfs_state_dir / "filler"
 
     def fill(name: str, phase: str, done: int, total: int) -> None:
-        if name == "big" and phase == "saving" and not filler.exists():
+        if name == "big" and phase in ("live", "saving") and not filler.exists():
             fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.posix_fallocate(fd, 0, shutil.disk_usage(tmpfs_state_dir).free - 4 * MIB)
