@@ -21,15 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import READY_MARK
+from harness import PRIVATE_LIBVIRTD, READY_MARK
 
 CHANNELS = 4
 
 #: Runs in `unshare --mount`: starts libvirtd, defines and starts the domain, then answers
 #: commands on stdin (save, restore) with one line each on stdout; tears down at EOF.
-SCRIPT = r"""
+SCRIPT = (
+    r"""
 set -euo pipefail
 R=$1; XML=$2; STATE=$3; CH=$4; PID=
+WITH_VIRTLOGD=1
 V="virsh -q -c qemu:///system"
 cleanup() {
     $V destroy lvbench >&2 2>/dev/null || true
@@ -41,26 +43,9 @@ cleanup() {
     echo STOPPED
 }
 trap cleanup EXIT
-mkdir -p "$R"/{lib,cache,log,etc}
-cp -a /etc/libvirt/. "$R/etc/"
-cat >> "$R/etc/qemu.conf" <<'CONF'
-user = "root"
-group = "root"
-security_driver = "none"
-namespaces = [ ]
-cgroup_controllers = [ ]
-stdio_handler = "file"
-CONF
-mount -t tmpfs tmpfs /run
-mount --bind "$R/lib" /var/lib/libvirt
-mount --bind "$R/cache" /var/cache/libvirt
-mount --bind "$R/log" /var/log/libvirt
-mount --bind "$R/etc" /etc/libvirt
-virtlogd -d
-libvirtd -d
-for _ in $(seq 600); do [ -s /run/libvirtd.pid ] && break; sleep 0.1; done
-PID=$(cat /run/libvirtd.pid)
-for _ in $(seq 600); do $V version >/dev/null 2>&1 && break; sleep 0.2; done
+"""
+    + PRIVATE_LIBVIRTD
+    + r"""
 $V define "$XML" >&2
 $V start lvbench >&2
 echo READY
@@ -85,6 +70,7 @@ while read -r cmd; do
     esac
 done
 """
+)
 
 
 def available() -> str | None:

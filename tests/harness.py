@@ -652,3 +652,34 @@ def start_guests(
                 vm.cleanup()
         raise
     return vms
+
+
+#: libvirtd in a private mount namespace (run under `unshare --mount --propagation private`):
+#: its /run, /etc/libvirt and /var/{lib,cache,log}/libvirt are under $R, so the host's (or
+#: another run's) libvirt is never touched; QEMU runs as root without cgroups
+#: (cgroup_controllers = [ ]: the host's cgroups stay as they are).  Expects $R, $V (the
+#: virsh command) and PID= set and a `cleanup` trap that kills $PID; WITH_VIRTLOGD=1 starts
+#: virtlogd too.  Leaves $PID set to libvirtd's once it answers.  Used by
+#: tests/test_hosts_qemu.py and scripts/bench_libvirt.py.
+PRIVATE_LIBVIRTD = r"""
+mkdir -p "$R"/{lib,cache,log,etc}
+cp -a /etc/libvirt/. "$R/etc/"
+cat >> "$R/etc/qemu.conf" <<'CONF'
+user = "root"
+group = "root"
+security_driver = "none"
+namespaces = [ ]
+cgroup_controllers = [ ]
+stdio_handler = "file"
+CONF
+mount -t tmpfs tmpfs /run
+mount --bind "$R/lib" /var/lib/libvirt
+mount --bind "$R/cache" /var/cache/libvirt
+mount --bind "$R/log" /var/log/libvirt
+mount --bind "$R/etc" /etc/libvirt
+if [ -n "${WITH_VIRTLOGD:-}" ]; then virtlogd -d; fi
+libvirtd -d
+for _ in $(seq 600); do [ -s /run/libvirtd.pid ] && break; sleep 0.1; done
+PID=$(cat /run/libvirtd.pid)
+for _ in $(seq 600); do $V version >/dev/null 2>&1 && break; sleep 0.2; done
+"""

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from harness import GuestFactory, GuestSpec, GuestVM
+from harness import PRIVATE_LIBVIRTD, GuestFactory, GuestSpec, GuestVM
 from test_cycle import make_config
 
 from cprd import cli
@@ -232,13 +232,13 @@ async def test_daemonized_and_changed_disk(
         disk.wait_tick_above(before["disk"], timeout=30)
 
 
-#: libvirtd in a private mount namespace: its /run, /etc/libvirt and /var/{lib,cache,log}/libvirt
-#: are under $1, so the host's (or another test's) libvirt is never touched; QEMU runs as
-#: root without cgroups (cgroup_controllers = [ ]: the host's cgroups stay as they are).
-#: Prints READY once the domain runs, and tears everything down when its stdin closes.
-LIBVIRT_SCRIPT = r"""
+#: libvirtd in a private mount namespace (harness.PRIVATE_LIBVIRTD) under $1.  Prints READY
+#: once the domain runs, and tears everything down when its stdin closes.
+LIBVIRT_SCRIPT = (
+    r"""
 set -euo pipefail
 R=$1; XML=$2; PID=
+V="virsh -c qemu:///system"
 cleanup() {
     virsh -c qemu:///system destroy lv >&2 || true
     virsh -c qemu:///system undefine lv >&2 || true
@@ -249,30 +249,15 @@ cleanup() {
     echo STOPPED
 }
 trap cleanup EXIT
-mkdir -p "$R"/{lib,cache,log,etc}
-cp -a /etc/libvirt/. "$R/etc/"
-cat >> "$R/etc/qemu.conf" <<'CONF'
-user = "root"
-group = "root"
-security_driver = "none"
-namespaces = [ ]
-cgroup_controllers = [ ]
-stdio_handler = "file"
-CONF
-mount -t tmpfs tmpfs /run
-mount --bind "$R/lib" /var/lib/libvirt
-mount --bind "$R/cache" /var/cache/libvirt
-mount --bind "$R/log" /var/log/libvirt
-mount --bind "$R/etc" /etc/libvirt
-libvirtd -d
-for _ in $(seq 600); do [ -s /run/libvirtd.pid ] && break; sleep 0.1; done
-PID=$(cat /run/libvirtd.pid)
-for _ in $(seq 600); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+"""
+    + PRIVATE_LIBVIRTD
+    + r"""
 virsh -c qemu:///system define "$XML" >&2
 virsh -c qemu:///system start lv >&2
 echo READY
 read -r _ || true
 """
+)
 
 
 def libvirt_domain(name: str, image: tuple[Path, Path], vm_dir: Path) -> str:
