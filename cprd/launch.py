@@ -142,40 +142,10 @@ class SystemdLauncher(Launcher):
     def __init__(self, bus_address: str | None = None) -> None:
         self.bus_address = bus_address
 
-    async def _manager(self) -> Any:
-        from dbus_fast import BusType
-        from dbus_fast.aio import MessageBus
-
-        if self.bus_address:
-            bus = await MessageBus(bus_address=self.bus_address).connect()
-        else:
-            bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
-        return bus
-
     async def _call(self, member: str, signature: str, body: list[Any]) -> Any:
-        from dbus_fast import Message, MessageType
-
-        bus = await self._manager()
-        try:
-            reply = await asyncio.wait_for(
-                bus.call(
-                    Message(
-                        destination="org.freedesktop.systemd1",
-                        path="/org/freedesktop/systemd1",
-                        interface="org.freedesktop.systemd1.Manager",
-                        member=member,
-                        signature=signature,
-                        body=body,
-                    )
-                ),
-                30,
-            )
-        finally:
-            bus.disconnect()
-        if reply is None or reply.message_type == MessageType.ERROR:
-            detail = reply.body[0] if reply and reply.body else "no reply"
-            raise LaunchError(f"systemd {member}: {reply.error_name if reply else ''}: {detail}")
-        return reply.body
+        """One systemd Manager method; LaunchError (one line) for anything that fails."""
+        async with Systemd(self.bus_address) as sd:
+            return await sd.call(member, signature, body)
 
     @staticmethod
     def unit_name(name: str) -> str:
