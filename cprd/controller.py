@@ -221,6 +221,8 @@ class Controller:
         """First inventory, the phase of an existing manifest, and recovery."""
         await self.inventory.scan()
         self.inventory.start()
+        for name in mf.sweep_temporaries(self.manifest_path):
+            logger.info("removed %s, left by a writer killed mid-write", name)
         phase = self._manifest_phase()
         if phase is Phase.PREPARING:
             # The daemon died mid-save: every step it took is recorded; put the VMs back.

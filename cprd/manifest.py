@@ -523,6 +523,60 @@ def loads(data: bytes, source: str) -> Manifest:
     return from_dict(parsed, source)
 
 
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp")
+
+
+def sweep_temporaries(path: Path) -> list[str]:
+    """Remove the temporary files a writer of ``path`` (the manifest) left when it was
+    killed between creating and renaming them: ``.<name>.<pid>.tmp`` whose writer is
+    gone (no such pid, or the file is older than this boot). A live writer's file is
+    left alone. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        entries = os.listdir(path.parent)
+    except OSError:
+        return removed
+    booted = _boot_time()
+    for entry in entries:
+        match = _TEMPORARY.fullmatch(entry)
+        if match is None or match.group("name") != path.name:
+            continue
+        pid = int(match.group("pid"))
+        temp = path.parent / entry
+        try:
+            st = os.lstat(temp)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            continue  # cprd never wrote it: not cprd's to delete
+        if pid != os.getpid() and _alive(pid) and st.st_mtime >= booted:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _boot_time() -> float:
+    try:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0.0
+
+
 def write(path: Path, m: Manifest) -> None:
     """Replace the manifest atomically."""
     ensure_state_dir(path.parent)

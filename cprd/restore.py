@@ -229,6 +229,8 @@ class Restorer:
         Each VM goes through the step journal (restoring, then restored) and
         :func:`cprd.steps.decide` with the restore intent: a VM shut down before the kexec
         is cold-booted, a VM whose QEMU still serves its socket is never started twice."""
+        for name in mf.sweep_temporaries(self.manifest_path):
+            logger.info("removed %s, left by a writer killed mid-write", name)
         journal = Journal.load(self.manifest_path)
         manifest = journal.manifest
         if manifest.phase in (Phase.PREPARING, Phase.PREPARED):

@@ -233,3 +233,38 @@ def test_restore_waves_priority_then_smallest_state(tmp_path: Path) -> None:
         ["batch"],
     ]
     assert restore_waves([]) == []
+
+
+def test_sweep_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    """A daemon killed between creating its temporary manifest and renaming it leaves
+    ``.manifest.yaml.<pid>.tmp``; the next start removes it (make faults found one left
+    in state_dir after a SIGKILL mid-save). A live writer's file, a file from before
+    this boot and files that are not the manifest's temporaries are told apart."""
+    import subprocess
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    path = state / "manifest.yaml"
+    mf.write(path, Manifest.new(Phase.PREPARING, ()))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        names = {
+            "dead": f".manifest.yaml.{dead.pid}.tmp",
+            "live": f".manifest.yaml.{live.pid}.tmp",
+            "live_before_boot": f".manifest.yaml.{os.getppid()}.tmp",
+            "other": f".other.yaml.{dead.pid}.tmp",
+            "odd": ".manifest.yaml.x.tmp",
+        }
+        for name in names.values():
+            (state / name).write_bytes(b"half")
+        os.utime(state / names["live_before_boot"], (1, 1))
+        removed = mf.sweep_temporaries(path)
+        assert sorted(removed) == sorted([names["dead"], names["live_before_boot"]])
+        left = sorted(os.listdir(state))
+        assert left == sorted([names["live"], names["other"], names["odd"], "manifest.yaml"])
+        assert mf.read(path).phase is Phase.PREPARING
+    finally:
+        live.kill()
+        live.wait()
