@@ -170,6 +170,17 @@ def replay_problems(argv: Sequence[str]) -> tuple[str, ...]:
     return tuple(problems)
 
 
+#: A machine type name as QEMU spells them (``pc-q35-10.0``, ``virt-9.2``, ``microvm``).
+_MACHINE_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def valid_machine_type(name: str) -> bool:
+    """Whether ``name`` can be a machine type (pure).  It comes from QEMU over QMP and is
+    written into the relaunch's ``-machine`` value: a comma there would add machine
+    properties that QEMU, not the operator, chose."""
+    return bool(_MACHINE_TYPE.fullmatch(name))
+
+
 def replay_argv(argv: Sequence[str]) -> list[str]:
     """argv as cprd runs it again (pure): without ``-incoming`` (the caller adds its
     own) and without ``-daemonize`` (cprd's launchers keep QEMU in the background

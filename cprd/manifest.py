@@ -28,7 +28,7 @@ import yaml
 from cprd import failpoint
 from cprd.config import safe_load
 from cprd.errors import ManifestError
-from cprd.hosts import DiskImage, ProcessContext
+from cprd.hosts import DiskImage, ProcessContext, valid_machine_type
 from cprd.plan import MigrationSettings
 from cprd.plan import safe_file_name as safe_file_name  # re-exported
 from cprd.steps import Step
@@ -322,6 +322,13 @@ class _Reader:
             raise self.fail(f"{path}{key}", f"unknown value {value!r}") from None
 
 
+def machine_type(r: _Reader, data: Mapping[str, Any], path: str) -> str:
+    name = r.get(data, "machine_type", str, path)
+    if not valid_machine_type(name):
+        raise r.fail(f"{path}machine_type", f"not a machine type: {name[:60]!r}")
+    return str(name)
+
+
 def from_dict(data: object, source: str) -> Manifest:
     r = _Reader(source)
     if not isinstance(data, dict):
@@ -404,7 +411,7 @@ def from_dict(data: object, source: str) -> Manifest:
                 argv=tuple(argv),
                 executable=r.get(v, "executable", str, p),
                 qemu_version=r.get(v, "qemu_version", str, p),
-                machine_type=r.get(v, "machine_type", str, p),
+                machine_type=machine_type(r, v, p),
                 state_file=r.get(v, "state_file", str, p),
                 settings=MigrationSettings(dict(caps), dict(params)),
                 runstate_before=r.get(v, "runstate_before", str, p),

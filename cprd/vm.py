@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cprd.errors import LaunchError, QMPError, TrustError
-from cprd.hosts import ProcessContext, image_paths, read_process
+from cprd.hosts import ProcessContext, image_paths, read_process, valid_machine_type
 from cprd.qmp import QMPConnection, expect, field
 from cprd.sysd import Systemd
 from cprd.trust import check_binary
@@ -423,6 +423,10 @@ async def inspect(
         str,
         "qom-get /machine type",
     )
+    if not valid_machine_type(machine.removesuffix("-machine")):
+        raise QMPError(
+            f"malformed QMP reply: qom-get /machine type: {machine[:60]!r} is not a machine type"
+        )
     current = await conn.execute("query-current-machine")
     caps = expect(await conn.execute("query-migrate-capabilities"), list, "capabilities")
     migrate = await conn.execute("query-migrate")

@@ -102,6 +102,12 @@ def test_unknown_version_and_bad_fields(tmp_path: Path) -> None:
     assert str(err.value) == (
         f"manifest {path} is corrupt: vms[0].restore.priority: unexpected value 'first'"
     )
+    _resign(path, body.replace(b"machine_type: pc-q35-10.0", b"machine_type: pc,accel=kvm"))
+    with pytest.raises(ManifestError) as err:
+        mf.read(path)
+    assert str(err.value) == (
+        f"manifest {path} is corrupt: vms[0].machine_type: not a machine type: 'pc,accel=kvm'"
+    )
     _resign(path, b"- just\n- a list\n")
     with pytest.raises(ManifestError, match="top level: not a mapping"):
         mf.read(path)

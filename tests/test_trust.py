@@ -76,7 +76,11 @@ while True:
                     break  # incomplete: read more
                 buf = buf.lstrip()[end:]
                 cmd = msg.get("execute")
-                if cmd == "query-status":
+                if cmd == "query-status" and mode == "machine":
+                    ret = {"status": "running", "running": True}
+                elif cmd == "qom-get" and mode == "machine":  # a comma: machine properties
+                    ret = "pc-q35-10.0,dump-guest-core=on-machine"
+                elif cmd == "query-status":
                     ret = ["garbage", {"status": 5}]
                 elif cmd == "query-version":
                     ret = version
@@ -96,7 +100,8 @@ while True:
 @pytest.fixture
 def standin(vm_dir_root: Path) -> Iterator[StandIn]:
     """Factory: standin(name, mode) runs the stand-in QMP server on <root>/<name>/qmp.sock
-    (mode "nobody": it drops to uid 65534 after listening; "garbage": stays root)."""
+    (mode "nobody": it drops to uid 65534 after listening; "garbage": stays root;
+    "machine": a sane status, then a machine type with a comma in it)."""
     procs: list[subprocess.Popen[bytes]] = []
     script = vm_dir_root / "standin.py"
     script.write_text(STANDIN)
@@ -511,6 +516,24 @@ async def test_peer_uid_rule_on_real_processes(
         assert trusting._retry[path].last_error.startswith("malformed QMP reply: query-status")
     finally:
         await trusting.close()
+
+
+async def test_machine_type_from_qmp_is_a_name(vm_dir_root: Path, standin: StandIn) -> None:
+    """The machine type QEMU reports is written into the relaunch's ``-machine`` value: a
+    compromised QEMU naming ``pc-q35-10.0,dump-guest-core=on`` would choose machine
+    properties for its next start. Refused as a malformed reply; a manifest carrying
+    such a name is refused as corrupt."""
+    path = standin("machine", "machine")
+    inventory = Inventory(make_config(vm_dir_root))
+    try:
+        await inventory.scan()
+        assert inventory.vms() == []
+        assert inventory._retry[path].last_error == (
+            "malformed QMP reply: qom-get /machine type: "
+            "'pc-q35-10.0,dump-guest-core=on-machine' is not a machine type"
+        )
+    finally:
+        await inventory.close()
 
 
 @pytest.mark.qemu
