@@ -28,7 +28,7 @@ from cprd.config import Launcher as LauncherKind
 from cprd.errors import LaunchError
 from cprd.hosts import LEGACY_RUN_AS, RunAs
 from cprd.sysd import Systemd
-from cprd.units import DROPIN_NAME, FAILED_DIR, RESTORING_DIR, UnitRef
+from cprd.units import DROPIN_NAME, FAILED_DIR, RESTORING_DIR, UnitRef, has_control
 
 
 def popen_credentials(run_as: RunAs, uid: int, gid: int, groups: Sequence[int]) -> dict[str, Any]:
@@ -47,12 +47,6 @@ def popen_credentials(run_as: RunAs, uid: int, gid: int, groups: Sequence[int]) 
     if run_as.uid != uid or sorted(run_as.groups) != sorted(groups):
         out["extra_groups"] = list(run_as.groups)
     return out
-
-
-def has_control(text: str) -> bool:
-    """Whether ``text`` has a character a line-based file (a unit file) would read as
-    an end of line or a control: C0 (newline, carriage return...) or DEL (pure)."""
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
 def printable(text: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cprd.errors import LaunchError
-from cprd.units import TRANSIENT_PROPERTIES, UnitInfo
+from cprd.units import TRANSIENT_PROPERTIES, UnitInfo, control_in
 
 DEST = "org.freedesktop.systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
@@ -153,6 +153,18 @@ class Systemd:
     ) -> None:
         from dbus_fast import Variant
 
+        # systemd writes a transient unit's properties and ExecStart= to its file in
+        # /run/systemd/transient, read again at each daemon-reload: a newline in one
+        # (an argv word of a QEMU that runs as a user) would add a line of that user's
+        # choosing (ExecStopPost=+..., run as root).  Never handed to systemd.
+        for what, value in [*((n, v) for n, _, v in props), ("executable", executable)]:
+            if (bad := control_in(value)) is not None:
+                raise LaunchError(f"{unit}: its {what} {bad!r} has a control character")
+        if (bad := control_in(argv)) is not None:
+            raise LaunchError(
+                f"{unit}: its argv word {bad!r} has a control character",
+                "systemd writes argv to a unit file; cprd does not hand it such a word",
+            )
         body = [[n, Variant(sig, list(v) if isinstance(v, tuple) else v)] for n, sig, v in props]
         body += [
             ["Type", Variant("s", "exec")],

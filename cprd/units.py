@@ -71,6 +71,25 @@ TRANSIENT_PROPERTIES: Mapping[str, str] = {
     "LimitMEMLOCK": "t",  # sets the soft limit too
 }
 
+
+def has_control(text: str) -> bool:
+    """Whether ``text`` has a character a line-based file (a unit file) would read as
+    an end of line or a control: C0 (newline, carriage return...) or DEL (pure)."""
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def control_in(value: object) -> str | None:
+    """The first string inside ``value`` (a string, or lists and tuples of them) with a
+    control character, or None (pure)."""
+    if isinstance(value, str):
+        return value if has_control(value) else None
+    if isinstance(value, list | tuple):
+        for item in value:
+            if (found := control_in(item)) is not None:
+                return found
+    return None
+
+
 _UNIT_NAME = re.compile(r"[A-Za-z0-9:_.@\\-]{1,250}\.(service|scope)")
 
 

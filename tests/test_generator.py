@@ -10,20 +10,23 @@ PID 1).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_manifest import record
 
 from cprd import manifest as mf
-from cprd.errors import ManifestError
+from cprd.errors import LaunchError, ManifestError
 from cprd.generator import generate, unmounted_mount_point
 from cprd.hosts import DiskImage
 from cprd.manifest import Manifest, Outcome, Phase
 from cprd.plan import plan_vm
+from cprd.sysd import Systemd
 from cprd.units import (
     CgroupUnit,
     UnitInfo,
@@ -472,3 +475,23 @@ def test_mount_units_are_systemds_names() -> None:
         "srv-vm.img.mount",
         "srv-b.mount",
     ]
+
+
+@pytest.mark.parametrize(
+    ("props", "argv", "said"),
+    [
+        ([("Description", "s", "vm\n[Service]")], ["qemu"], "Description 'vm\\n[Service]'"),
+        ([("Environment", "as", ["A=1", "B=2\rExecStopPost=+/x"])], ["qemu"], "Environment"),
+        ([], ["qemu", "-name", "vm\nExecStopPost=+/tmp/x"], "argv word"),
+    ],
+)
+def test_transient_unit_never_gets_a_control_character(
+    props: list[tuple[str, str, Any]], argv: list[str], said: str
+) -> None:
+    """systemd writes a transient unit to a file it reads again at each daemon-reload: a
+    newline in a property or an argv word would add a line (run as root). Refused before
+    anything reaches the bus (the address here leads nowhere: nothing is sent)."""
+    sd = Systemd("unix:path=/nonexistent/bus")
+    with pytest.raises(LaunchError, match="has a control character") as err:
+        asyncio.run(sd.start_transient("vm.service", props, "/usr/bin/qemu", argv))
+    assert said in str(err.value)
