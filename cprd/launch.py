@@ -1,9 +1,11 @@
 """Launchers: how a restored QEMU is started so that it outlives the restorer.
 
 ``direct`` starts a detached process in its own session, output to a log file under
-state_dir.  ``systemd`` asks systemd for a transient unit ``cprd-vm-<name>.service``
+state_dir through a relay that keeps at most :data:`LOG_MAX` bytes of each start.
+``systemd`` asks systemd for a transient unit ``cprd-vm-<name>.service``
 (StartTransientUnit), so the VM is not killed when the restore unit ends.  argv is
-always a list: no shell is involved anywhere.
+always a list: no shell is involved in starting QEMU (the relay is a fixed script
+with no word from a VM in it).
 
 Both start QEMU as :func:`cprd.hosts.relaunch_as` says (a :class:`~cprd.hosts.RunAs`):
 its uid, gid and supplementary groups, its working directory and its filtered
@@ -63,6 +65,8 @@ class Launcher:
         log: Path | None = None
         popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
         unit: str = ""
+        #: the direct launcher's log relay (see :data:`LOG_RELAY`)
+        relay: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     async def launch(
         self, name: str, executable: str, argv: list[str], run_as: RunAs = LEGACY_RUN_AS
@@ -80,11 +84,28 @@ class Launcher:
     def tail(self, process: Launcher.Process) -> str:
         if process.log is None:
             return "see its log"
+        if process.relay is not None:
+            # The relay writes what QEMU said before it exited once it reads the end of
+            # the pipe; a child QEMU left behind may hold the pipe open: not for long.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.relay.wait(timeout=2)
         try:
             lines = process.log.read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
         return lines[-1] if lines else "no output"
+
+
+#: What the direct launcher keeps of one start's output (stdout and stderr): QEMU's own
+#: messages are a few lines, but ``-serial stdio`` or ``-monitor stdio`` hand it to the
+#: guest, and a log without a bound in state_dir is a guest filling the disk that every
+#: VM's save needs.
+LOG_MAX = 4 << 20
+
+#: The relay between QEMU's output and its log: the first LOG_MAX bytes go to the log,
+#: the rest is read and dropped (QEMU never blocks on a full pipe), until QEMU and every
+#: process it made close the pipe.  A fixed script: no word in it comes from a VM.
+LOG_RELAY = ("/bin/sh", "-c", 'head -c "$1"; exec cat >/dev/null', "cprd-log-relay")
 
 
 class DirectLauncher(Launcher):
@@ -101,25 +122,43 @@ class DirectLauncher(Launcher):
         fd = os.open(
             log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
+        relay: subprocess.Popen[bytes] | None = None
         try:
-            popen = subprocess.Popen(
-                argv,
-                executable=executable,
-                stdin=subprocess.DEVNULL,
-                stdout=fd,
-                stderr=fd,
-                start_new_session=True,
-                close_fds=True,
-                cwd=run_as.cwd,
-                env=run_as.environment,
-                **popen_credentials(run_as, os.geteuid(), os.getegid(), os.getgroups()),
-            )
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            try:
+                relay = subprocess.Popen(
+                    [*LOG_RELAY, str(LOG_MAX)],
+                    stdin=read_end,
+                    stdout=fd,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                    close_fds=True,
+                    cwd="/",
+                    env={"PATH": "/usr/bin:/bin"},
+                )
+                popen = subprocess.Popen(
+                    argv,
+                    executable=executable,
+                    stdin=subprocess.DEVNULL,
+                    stdout=write_end,
+                    stderr=write_end,
+                    start_new_session=True,
+                    close_fds=True,
+                    cwd=run_as.cwd,
+                    env=run_as.environment,
+                    **popen_credentials(run_as, os.geteuid(), os.getegid(), os.getgroups()),
+                )
+            finally:
+                os.close(read_end)
+                os.close(write_end)
         except OSError as err:
+            if relay is not None:
+                relay.wait(timeout=5)  # its pipe is closed: it ends at once
             raise LaunchError(f"{name}: cannot start {executable}: {err.strerror}") from err
         finally:
             os.close(fd)
-        self.children.append(popen)
-        return Launcher.Process(name, popen.pid, log, popen)
+        self.children += [popen, relay]
+        return Launcher.Process(name, popen.pid, log, popen, relay=relay)
 
     async def alive(self, process: Launcher.Process) -> bool:
         return process.popen is None or process.popen.poll() is None

@@ -582,3 +582,34 @@ def test_socket_dir_and_hand_over(tmp_path: Path) -> None:
     parent.chmod(0o777)
     with pytest.raises(Exception, match="only root may write"):
         socket_dir("web", owner, state, parent)
+
+
+def test_direct_launcher_log_is_bounded(tmp_path: Path) -> None:
+    """A QEMU's output (a guest on ``-serial stdio`` included) goes to <state_dir>/<vm>.log
+    through the relay: at most LOG_MAX bytes of a start are kept, the rest is drained so
+    the process never blocks on a full pipe, and what a short-lived start said is its
+    tail. The chatty process is a shell, not QEMU: what is tested is the relay, which
+    cannot tell them apart, and a guest that writes 5 MiB to its console takes minutes
+    under TCG."""
+    import asyncio
+
+    from cprd.launch import LOG_MAX, DirectLauncher
+
+    launcher = DirectLauncher(tmp_path)
+    over = LOG_MAX + (1 << 20)
+    chatty = asyncio.run(
+        launcher.launch(
+            "chatty", "/bin/sh", ["sh", "-c", f"head -c {over} /dev/zero; echo late >&2; exit 3"]
+        )
+    )
+    assert chatty.popen is not None and chatty.popen.wait(timeout=60) == 3
+    assert chatty.relay is not None and chatty.relay.wait(timeout=10) == 0
+    assert (tmp_path / "chatty.log").stat().st_size == LOG_MAX
+    short = asyncio.run(
+        launcher.launch("short", "/bin/sh", ["sh", "-c", "echo starting; echo boom >&2; exit 1"])
+    )
+    assert short.popen is not None and short.popen.wait(timeout=30) == 1
+    assert launcher.tail(short) == "boom"
+    assert stat.S_IMODE((tmp_path / "short.log").stat().st_mode) == 0o600
+    with pytest.raises(LaunchError, match="cannot start /nonexistent/qemu"):
+        asyncio.run(launcher.launch("gone", "/nonexistent/qemu", ["qemu"]))
