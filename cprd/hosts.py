@@ -7,7 +7,7 @@ Three decisions, each a pure function of what was read from /proc and QMP:
   ``/dev/fdset/`` paths, ``fd:N`` chardevs) cannot be recreated, and ``-snapshot`` keeps
   the guest's disk writes in a temporary file that is gone once QEMU quits: both are
   refused, the argument named.  ``-daemonize`` and ``-incoming`` are handled by
-  :func:`replay_argv` (restore.relaunch_argv), not refused.
+  :func:`replay_argv` (:func:`relaunch_argv`), not refused.
 - :func:`manager_of`: is this QEMU run by another VM manager (libvirt, Proxmox VE)?
   cprd cannot bring such a VM back under its manager, so it is refused at check, naming
   the manager's own way to save it.
@@ -181,6 +181,50 @@ def replay_argv(argv: Sequence[str]) -> list[str]:
         if opt not in ("-incoming", "-daemonize"):
             out += argv[i : i + (2 if separate else 1)]
     return out
+
+
+_MACHINE_OPTS = ("-machine", "-M", "--machine")
+
+
+def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
+    """The recorded argv as cprd runs it again (pure): without ``-daemonize`` (see
+    :func:`replay_argv`), with ``-incoming defer`` in place of any
+    ``-incoming`` and the machine type pinned."""
+    argv = replay_argv(argv)
+    out: list[str] = []
+    pinned = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _MACHINE_OPTS and i + 1 < len(argv):
+            out += [arg, _pin_machine(argv[i + 1], machine_type)]
+            pinned = True
+            i += 2
+            continue
+        for opt in _MACHINE_OPTS:
+            if arg.startswith(opt + "="):
+                out.append(f"{opt}={_pin_machine(arg[len(opt) + 1 :], machine_type)}")
+                pinned = True
+                break
+        else:
+            out.append(arg)
+        i += 1
+    if not pinned:
+        out += ["-machine", machine_type]
+    return [*out, "-incoming", "defer"]
+
+
+def _pin_machine(value: str, machine_type: str) -> str:
+    parts = value.split(",")
+    for n, part in enumerate(parts):
+        if part.startswith("type="):
+            parts[n] = f"type={machine_type}"
+            return ",".join(parts)
+    if parts and "=" not in parts[0]:
+        parts[0] = machine_type
+    else:
+        parts.insert(0, machine_type)
+    return ",".join(parts)
 
 
 # --- other VM managers -----------------------------------------------------------------

@@ -38,13 +38,13 @@ from typing import Any
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, LaunchError, QMPError
-from cprd.hosts import ProcessContext, relaunch_as, run_as_problem
+from cprd.hosts import ProcessContext, relaunch_argv, relaunch_as, run_as_problem
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
 from cprd.plan import MANAGED_CAPABILITIES, transfer_path
 from cprd.qmp import QMPConnection
-from cprd.restore import Restorer, relaunch_argv
+from cprd.restore import Restorer
 from cprd.save import Saver, wait_exit
 from cprd.trust import check_binary
 
