@@ -34,6 +34,7 @@ from test_cycle import make_config
 from cprd import generator
 from cprd import manifest as mf
 from cprd.config import Config
+from cprd.hosts import relaunch_argv
 from cprd.inventory import Inventory
 from cprd.launch import UnitLauncher
 from cprd.manifest import Outcome
@@ -115,6 +116,7 @@ class StandInPID1:
             props = {"MainPID": Variant("u", pid), "Result": Variant("s", "success")}
             if unit in self.held:
                 main, path, argv = self.held[unit]
+                main = pid or main  # the QEMU the stand-in started, once it did
                 # a(sasbttttuii): path, argv, ignore-failure, start/exit timestamps
                 # (realtime, monotonic), pid, exit code, status
                 entry = [path, argv, False, 0, 0, 0, 0, main, 0, 0]
@@ -273,7 +275,10 @@ async def test_a_root_dropping_qemu_anchored_to_its_units_execstart_needs_no_tru
     (``-run-with user=nobody``) is relaunched as root from its argv, which nobody can
     rewrite in its memory.  As the main process of a service whose ExecStart= (held by
     PID 1, root) is that very argv it passes check with no discovery.trusted_uids; once
-    the unit's ExecStart= differs by one word it is refused, naming the way out.
+    the unit's ExecStart= differs by one word it is refused, naming the way out.  In
+    between it is saved (recorded as its unit's main process, with the argv checked),
+    restored into that unit (the relaunch form, dropping to nobody again), and checked
+    again in that form: still anchored.
 
     Real: QEMU, the drop to nobody, /proc, the dbus-daemon with the project's policy,
     cprd's D-Bus client (sysd.Systemd.unit_of_pid over DBUS_SYSTEM_BUS_ADDRESS).  Stand-
@@ -285,6 +290,7 @@ async def test_a_root_dropping_qemu_anchored_to_its_units_execstart_needs_no_tru
     if not (CGROUP_ROOT / "cgroup.procs").exists():
         pytest.skip("no name=systemd cgroup hierarchy to put the QEMU in a unit's cgroup")
     unit = "vm@anc.service"
+    cgroup = f"system.slice/system-vm.slice/{unit}"
     (vm,) = guests(GuestSpec("anc", extra_args=["-run-with", "user=nobody"]))
     exe = os.path.realpath(shutil.which(vm.argv[0]) or vm.argv[0])
     monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbus_daemon.address)
@@ -300,22 +306,61 @@ async def test_a_root_dropping_qemu_anchored_to_its_units_execstart_needs_no_tru
         ((_, vm_plan),) = plans
         return problems.get("anc", ""), vm_plan.notes, vm_plan.argv
 
-    with in_cgroup(vm.pid, f"system.slice/system-vm.slice/{unit}"):
+    note = (
+        f"argv matches systemd's ExecStart of {unit} (root's record): relaunched as root, "
+        "drops to uid 65534 again"
+    )
+    with in_cgroup(vm.pid, cgroup):
         assert Path(f"/proc/{vm.pid}/status").read_text().count("65534") >= 4  # dropped
         pid1.held[unit] = (vm.pid, exe, list(vm.argv))
         problem, notes, argv = await check()
         assert problem == ""
-        assert (
-            f"argv matches systemd's ExecStart of {unit} (root's record): relaunched as "
-            "root, drops to uid 65534 again"
-        ) in notes
+        assert note in notes
         assert argv == tuple(vm.argv)  # what a save records: the argv just checked
         assert "GetUnitByPID" in pid1.calls
+
+        # Saved with no trusted uid, recorded as the main process of its unit, with the
+        # argv checked.
+        vm.wait_tick_above(2)
+        inventory = Inventory(cfg)
+        try:
+            saver = Saver(cfg, inventory)
+            await saver.prepare()
+            await saver.commit()
+        finally:
+            await inventory.close()
+        last = vm.last_tick()
+        vm.released()
+    rec = mf.read(cfg.manifest_path).vm("anc")
+    assert rec.argv == tuple(vm.argv) and rec.unit == UnitRef(unit)
+    assert rec.process is not None and rec.process.uid == 65534 and rec.process.started_as_root
+
+    # Restored into its unit (the drop-in's ExecStart: the relaunch form, run as root,
+    # dropping to nobody again); the guest goes on.
+    units = UnitLauncher(dbus_daemon.address, run_dir=pid1.run_dir)
+    result = await Restorer(cfg, units=units).run()
+    assert [(r.name, r.outcome) for r in result.vms] == [("anc", Outcome.RESTORED)]
+    assert last is not None
+    vm.wait_tick_above(last)
+    restored = pid1.procs[unit].pid
+    assert vm.pid == restored
+    assert Path(f"/proc/{restored}/status").read_text().count("65534") >= 4
+    running = Path(f"/proc/{restored}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in running] == relaunch_argv(vm.argv, rec.machine_type)
+
+    # The restored QEMU runs the relaunch form while systemd shows the unit's own line
+    # again (the drop-in is gone): still anchored, so the next kexec saves it too.
+    assert not pid1.dropin(unit).exists()
+    with in_cgroup(restored, cgroup):
+        pid1.held[unit] = (restored, exe, list(vm.argv))
+        problem, notes, argv = await check()
+        assert problem == "" and note in notes
+        assert argv == tuple(relaunch_argv(vm.argv, rec.machine_type))
 
         # The unit's ExecStart= is not the argv the QEMU runs with (as if the QEMU had
         # rewritten one word of it): refused, as without a unit.
         other = [*vm.argv[:-1], vm.argv[-1] + "x"]
-        pid1.held[unit] = (vm.pid, exe, other)
+        pid1.held[unit] = (restored, exe, other)
         problem, notes, _ = await check()
         assert (
             "drops root to uid 65534 itself (-run-with user=/-runas), so a restore runs its "
