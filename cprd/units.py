@@ -16,6 +16,9 @@
                                             (``restore.launcher``), outside that scope
   ========================================  ===============================================
 
+- :func:`exec_command`: the service's single ``ExecStart=`` as systemd's D-Bus API gives
+  it, type-checked (:attr:`UnitInfo.exec_start`): the root-held copy of a QEMU's argv
+  that :func:`cprd.hosts.argv_anchored` compares with /proc (issue 13 item 2).
 - :func:`dropin`, :func:`exec_line`, :func:`mount_needs`: what ``cprd-generator`` writes
   (see :mod:`cprd.generator`).
 
