@@ -32,8 +32,8 @@ from pathlib import Path
 
 from cprd import config as cfg
 from cprd import manifest as mf
+from cprd.hosts import relaunch_argv
 from cprd.manifest import Manifest, Outcome, Phase, VMRecord
-from cprd.restore import relaunch_argv
 from cprd.units import (
     DROPIN_NAME,
     FAILED_DIR,

@@ -7,7 +7,7 @@ Three decisions, each a pure function of what was read from /proc and QMP:
   ``/dev/fdset/`` paths, ``fd:N`` chardevs) cannot be recreated, and ``-snapshot`` keeps
   the guest's disk writes in a temporary file that is gone once QEMU quits: both are
   refused, the argument named.  ``-daemonize`` and ``-incoming`` are handled by
-  :func:`replay_argv` (restore.relaunch_argv), not refused.
+  :func:`replay_argv` (:func:`relaunch_argv`), not refused.
 - :func:`manager_of`: is this QEMU run by another VM manager (libvirt, Proxmox VE)?
   cprd cannot bring such a VM back under its manager, so it is refused at check, naming
   the manager's own way to save it.
@@ -15,7 +15,8 @@ Three decisions, each a pure function of what was read from /proc and QMP:
 
 - :func:`relaunch_as`: as whom, where and with which environment a QEMU is relaunched
   (:class:`ProcessContext` recorded at save, :class:`RunAs` for the launchers);
-  :func:`run_as_problem` says why it cannot be.
+  :func:`run_as_problem` says why it cannot be; :func:`argv_anchored` whether its argv
+  is the one root's systemd holds, so that replaying it as root trusts nobody else.
 
 Only :func:`identify`, :func:`identify_all` (one stat each) and :func:`read_process`
 (/proc) touch the filesystem.
@@ -192,6 +193,50 @@ def replay_argv(argv: Sequence[str]) -> list[str]:
         if opt not in ("-incoming", "-daemonize"):
             out += argv[i : i + (2 if separate else 1)]
     return out
+
+
+_MACHINE_OPTS = ("-machine", "-M", "--machine")
+
+
+def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
+    """The recorded argv as cprd runs it again (pure): without ``-daemonize`` (see
+    :func:`replay_argv`), with ``-incoming defer`` in place of any
+    ``-incoming`` and the machine type pinned."""
+    argv = replay_argv(argv)
+    out: list[str] = []
+    pinned = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _MACHINE_OPTS and i + 1 < len(argv):
+            out += [arg, _pin_machine(argv[i + 1], machine_type)]
+            pinned = True
+            i += 2
+            continue
+        for opt in _MACHINE_OPTS:
+            if arg.startswith(opt + "="):
+                out.append(f"{opt}={_pin_machine(arg[len(opt) + 1 :], machine_type)}")
+                pinned = True
+                break
+        else:
+            out.append(arg)
+        i += 1
+    if not pinned:
+        out += ["-machine", machine_type]
+    return [*out, "-incoming", "defer"]
+
+
+def _pin_machine(value: str, machine_type: str) -> str:
+    parts = value.split(",")
+    for n, part in enumerate(parts):
+        if part.startswith("type="):
+            parts[n] = f"type={machine_type}"
+            return ",".join(parts)
+    if parts and "=" not in parts[0]:
+        parts[0] = machine_type
+    else:
+        parts.insert(0, machine_type)
+    return ",".join(parts)
 
 
 # --- other VM managers -----------------------------------------------------------------
@@ -524,15 +569,36 @@ def drops_root_itself(ctx: ProcessContext, argv: Sequence[str]) -> bool:
     return ctx.uid != 0 and ctx.started_as_root and dropped_uid(argv) == ctx.uid
 
 
+def argv_anchored(argv: Sequence[str], exec_start: Sequence[str] | None, machine_type: str) -> bool:
+    """Whether a QEMU's ``argv`` (read from /proc/PID/cmdline: memory its own uid can
+    rewrite) is the command line root holds for it (pure): ``exec_start``, the argv of
+    the ``ExecStart=`` systemd (PID 1) runs it with, either as is or in the form a cprd
+    restore ran from that unit (:func:`relaunch_argv` with ``machine_type``: after the
+    restore systemd shows the unit file's line again, without the pinned machine and
+    ``-incoming defer``).  None (no single ExecStart) is never anchored.
+
+    An anchored argv is one root wrote, so replaying it as root trusts nobody else
+    (issue 13 item 2): see :func:`run_as_problem`."""
+    if not exec_start:
+        return False
+    got = list(argv)
+    return got == list(exec_start) or got == relaunch_argv(exec_start, machine_type)
+
+
 def run_as_problem(
     uids: Sequence[int],
     gids: Sequence[int],
     ctx: ProcessContext | None,
     argv: Sequence[str],
     trusted: Iterable[int],
+    anchored: bool = False,
 ) -> str | None:
     """Why cprd cannot relaunch this QEMU as it runs now, or None (pure apart from the
-    user-name lookup).  ``uids``/``gids``: real, effective, saved, filesystem."""
+    user-name lookup).  ``uids``/``gids``: real, effective, saved, filesystem.
+
+    ``anchored``: ``argv`` is the one root's systemd holds for it
+    (:func:`argv_anchored`, checked by the caller on the very argv it records); a QEMU
+    that drops root itself is then relaunched as root without trusting its uid."""
     uid = uids[0] if uids else 0
     dropped = drops_root_itself(ctx, argv) if ctx is not None else dropped_uid(argv) == uid
     if len(set(uids)) > 1 or len(set(gids)) > 1:
@@ -540,14 +606,16 @@ def run_as_problem(
             f"runs with mixed credentials (uids {'/'.join(map(str, uids))}, gids "
             f"{'/'.join(map(str, gids))}): cprd relaunches a QEMU as one uid and gid"
         )
-    if uid != 0 and dropped and uid not in set(trusted):
+    if uid != 0 and dropped and not anchored and uid not in set(trusted):
         # Relaunched as root (so that it drops again) from an argv read from its own
         # memory, which uid N can rewrite (a guest that took over this QEMU: `-netdev
-        # tap,script=` runs before the drop): that is root trusting uid N.
+        # tap,script=` runs before the drop): that is root trusting uid N.  Unless that
+        # argv is the one root's systemd holds (anchored): then it is root's own.
         return (
             f"drops root to uid {uid} itself (-run-with user=/-runas), so a restore runs "
-            f"its argv as root, and uid {uid} can rewrite that argv in its memory: add "
-            f"{uid} to discovery.trusted_uids to trust it so"
+            f"its argv as root, and uid {uid} can rewrite that argv in its memory: run it "
+            "as the main process of a systemd service (whose ExecStart= cprd then checks "
+            f"its argv against), or add {uid} to discovery.trusted_uids to trust it so"
         )
     if uid != 0 and not dropped and uid not in set(trusted):
         return (

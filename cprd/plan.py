@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cprd.config import InPlace, Live, SaveSettings, Suspend, VMSettings
-from cprd.hosts import manager_of, replay_problems, run_as_problem
+from cprd.hosts import (
+    argv_anchored,
+    drops_root_itself,
+    manager_of,
+    replay_problems,
+    run_as_problem,
+)
 from cprd.units import cgroup_unit, decide_unit
 from cprd.vm import Backend, MemClass, VMFacts
 
@@ -96,6 +102,9 @@ class VMPlan:
     in_place: bool
     settings: MigrationSettings
     bytes_to_write: int
+    #: the argv every check of this plan was made on (facts.argv of that one read): the
+    #: one the save records, never a later read (see :func:`argv_anchor`)
+    argv: tuple[str, ...]
     notes: tuple[str, ...] = ()
     problems: tuple[str, ...] = ()
     in_place_backends: tuple[Backend, ...] = field(default=())
@@ -209,6 +218,26 @@ def migration_settings(
     return MigrationSettings(caps, params)
 
 
+def argv_anchor(facts: VMFacts) -> str | None:
+    """The systemd service whose ``ExecStart=`` (held by PID 1, root) this QEMU's argv is
+    (:func:`cprd.hosts.argv_anchored`), or None (pure).  Only the service's main process
+    run from that very executable counts: a process the main process forked, or one
+    whose binary is not the one systemd ran, may have any argv.
+
+    No TOCTOU: ``facts.argv`` is one read of /proc/PID/cmdline, kept as an immutable
+    tuple; it is compared here and it is what the save records (:attr:`VMPlan.argv`),
+    and commit refuses a QEMU whose argv then differs (inventory.pin_record).  A QEMU
+    that rewrites its argv after the read changes neither."""
+    info, cg = facts.unit_info, cgroup_unit(facts.cgroup)
+    if info is None or cg is None or info.name != cg.name or info.main_pid != facts.pid:
+        return None
+    if info.exec_path is None or info.exec_path != facts.executable:
+        return None
+    if not argv_anchored(facts.argv, info.exec_start, facts.machine_type):
+        return None
+    return info.name
+
+
 def plan_vm(
     facts: VMFacts,
     vm: VMSettings,
@@ -268,9 +297,17 @@ def plan_vm(
     if facts.identity is not None:
         # Relaunched as it runs (hosts.relaunch_as): refused only when cprd cannot.
         ident = facts.identity
-        problem = run_as_problem(ident.uids, ident.gids, facts.process, facts.argv, trusted_uids)
+        anchor = argv_anchor(facts)
+        problem = run_as_problem(
+            ident.uids, ident.gids, facts.process, facts.argv, trusted_uids, anchor is not None
+        )
         if problem is not None:
             problems.append(problem)
+        elif anchor is not None and facts.process and drops_root_itself(facts.process, facts.argv):
+            notes.append(
+                f"argv matches systemd's ExecStart of {anchor} (root's record): relaunched "
+                f"as root, drops to uid {facts.process.uid} again"
+            )
 
     mode, mode_why = save_mode(facts, vm, save, live_blockers)
     notes.append(mode_why)
@@ -283,6 +320,7 @@ def plan_vm(
         in_place=in_place,
         settings=settings,
         bytes_to_write=copied + STATE_OVERHEAD,
+        argv=facts.argv,
         notes=tuple(notes),
         problems=tuple(problems),
         in_place_backends=in_place_backends,

@@ -32,7 +32,7 @@ from cprd.errors import (
     RestoreError,
     TrustError,
 )
-from cprd.hosts import RunAs, disk_changes, identify, relaunch_as, replay_argv
+from cprd.hosts import RunAs, disk_changes, identify, relaunch_argv, relaunch_as
 from cprd.launch import Launcher, UnitLauncher, make_launcher
 from cprd.log import Event, emit
 from cprd.manifest import Journal, Manifest, Outcome, Phase, VMRecord
@@ -44,48 +44,6 @@ from cprd.trust import binary_dir_problem, check_binary
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, str, int, int], None]
-_MACHINE_OPTS = ("-machine", "-M", "--machine")
-
-
-def relaunch_argv(argv: Sequence[str], machine_type: str) -> list[str]:
-    """The recorded argv as cprd runs it again (pure): without ``-daemonize`` (see
-    :func:`cprd.hosts.replay_argv`), with ``-incoming defer`` in place of any
-    ``-incoming`` and the machine type pinned."""
-    argv = replay_argv(argv)
-    out: list[str] = []
-    pinned = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in _MACHINE_OPTS and i + 1 < len(argv):
-            out += [arg, _pin_machine(argv[i + 1], machine_type)]
-            pinned = True
-            i += 2
-            continue
-        for opt in _MACHINE_OPTS:
-            if arg.startswith(opt + "="):
-                out.append(f"{opt}={_pin_machine(arg[len(opt) + 1 :], machine_type)}")
-                pinned = True
-                break
-        else:
-            out.append(arg)
-        i += 1
-    if not pinned:
-        out += ["-machine", machine_type]
-    return [*out, "-incoming", "defer"]
-
-
-def _pin_machine(value: str, machine_type: str) -> str:
-    parts = value.split(",")
-    for n, part in enumerate(parts):
-        if part.startswith("type="):
-            parts[n] = f"type={machine_type}"
-            return ",".join(parts)
-    if parts and "=" not in parts[0]:
-        parts[0] = machine_type
-    else:
-        parts.insert(0, machine_type)
-    return ",".join(parts)
 
 
 def restore_waves(records: Iterable[VMRecord]) -> list[list[str]]:

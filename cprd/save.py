@@ -358,7 +358,9 @@ class Saver:
             name=f.name,
             qmp_socket=f.qmp_socket,
             pid=f.pid,
-            argv=f.argv,
+            # The argv the plan checked (argv_anchor, run_as_problem), not handle.facts
+            # again: an inventory scan may have read it anew since.
+            argv=plan.argv,
             executable=f.executable,
             qemu_version=f.version_str,
             machine_type=f.machine_type,

@@ -9,12 +9,13 @@ naming the call.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cprd.errors import LaunchError
-from cprd.units import TRANSIENT_PROPERTIES, UnitInfo, control_in
+from cprd.units import TRANSIENT_PROPERTIES, UnitInfo, control_in, exec_command
 
 DEST = "org.freedesktop.systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
@@ -108,8 +109,10 @@ class Systemd:
         return {k: v.value for k, v in body[0].items()}
 
     async def unit_of_pid(self, pid: int) -> UnitInfo:
-        """The unit process ``pid`` runs in, its MainPID and, for a transient unit, the
-        properties cprd records (:data:`cprd.units.TRANSIENT_PROPERTIES`)."""
+        """The unit process ``pid`` runs in, its MainPID, its ``ExecStart=`` (the command
+        line root's PID 1 holds: see :func:`cprd.hosts.argv_anchored`) and, for a
+        transient unit, the properties cprd records
+        (:data:`cprd.units.TRANSIENT_PROPERTIES`)."""
         path = str((await self.call("GetUnitByPID", "u", [pid]))[0])
         unit = await self.properties(path, UNIT)
         name = str(unit.get("Id", ""))
@@ -120,7 +123,15 @@ class Systemd:
         transient = unit.get("Transient") is True
         props = {**unit, **service} if transient else {}
         props = {k: v for k, v in props.items() if k in TRANSIENT_PROPERTIES}
-        return UnitInfo(name, main if isinstance(main, int) else 0, transient, props)
+        exec_path, exec_start = exec_command(service.get("ExecStart"))
+        return UnitInfo(
+            name,
+            main if isinstance(main, int) else 0,
+            transient,
+            props,
+            exec_start,
+            os.path.realpath(exec_path) if exec_path is not None else None,
+        )
 
     async def state(self, unit: str) -> UnitState:
         """ActiveState, MainPID, DropInPaths, Result and the pending job of ``unit``."""

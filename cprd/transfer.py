@@ -37,16 +37,17 @@ from typing import Any
 
 from cprd import manifest as mf
 from cprd.config import Config
-from cprd.errors import CprdError, LaunchError, QMPError
-from cprd.hosts import ProcessContext, relaunch_as, run_as_problem
+from cprd.errors import CprdError, LaunchError, QMPError, TrustError
+from cprd.hosts import ProcessContext, relaunch_argv, relaunch_as, run_as_problem
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
-from cprd.plan import MANAGED_CAPABILITIES, transfer_path
+from cprd.plan import MANAGED_CAPABILITIES, argv_anchor, transfer_path
 from cprd.qmp import QMPConnection
-from cprd.restore import Restorer, relaunch_argv
+from cprd.restore import Restorer
 from cprd.save import Saver, wait_exit
 from cprd.trust import check_binary
+from cprd.vm import VMFacts
 
 logger = logging.getLogger(__name__)
 
@@ -218,20 +219,26 @@ class Upgrader:
             elif exe not in versions:
                 versions[exe] = qemu_version(exe)
             ok, why = transfer_path(handle.facts, versions[exe])
-            ident = handle.facts.identity
-            problem = run_as_problem(
-                ident.uids if ident else (),
-                ident.gids if ident else (),
-                handle.facts.process,
-                handle.facts.argv,
-                self.config.discovery.trusted_uids,
-            )
+            problem = self._run_as_problem(handle.facts)
             if ok and problem is not None:
                 # The new QEMU is relaunched as the plan allows (hosts.relaunch_as) or not
                 # at all: the file path's plan refuses it, before anything stops.
                 ok, why = False, f"{problem}: not moved"
             out.append((handle, exe, ok, why))
         return out
+
+    def _run_as_problem(self, facts: VMFacts) -> str | None:
+        """:func:`cprd.hosts.run_as_problem` as the save's plan asks it (anchored to the
+        unit's ExecStart= when :func:`cprd.plan.argv_anchor` says so), on ``facts``."""
+        ident = facts.identity
+        return run_as_problem(
+            ident.uids if ident else (),
+            ident.gids if ident else (),
+            facts.process,
+            facts.argv,
+            self.config.discovery.trusted_uids,
+            argv_anchor(facts) is not None,
+        )
 
     async def upgrade(
         self, names: list[str] | None = None, binary: str | None = None
@@ -260,6 +267,11 @@ class Upgrader:
     async def _transfer(self, handle: VMHandle, exe: str) -> str:
         facts = handle.facts
         name = facts.name
+        # Asked again on the facts whose argv is launched below: an inventory scan may
+        # have read them anew since paths() asked (the argv then is not the one checked).
+        problem = self._run_as_problem(facts)
+        if problem is not None:
+            raise TrustError(f"{name}: {problem}")
         mf.ensure_state_dir(self.config.state_dir)  # the direct launcher's log is there
         how = relaunch_as(facts.process, facts.argv)
         sock_dir = socket_dir(name, facts.process, self.config.state_dir)

@@ -16,6 +16,9 @@
                                             (``restore.launcher``), outside that scope
   ========================================  ===============================================
 
+- :func:`exec_command`: the service's single ``ExecStart=`` as systemd's D-Bus API gives
+  it, type-checked (:attr:`UnitInfo.exec_start`): the root-held copy of a QEMU's argv
+  that :func:`cprd.hosts.argv_anchored` compares with /proc (issue 13 item 2).
 - :func:`dropin`, :func:`exec_line`, :func:`mount_needs`: what ``cprd-generator`` writes
   (see :mod:`cprd.generator`).
 
@@ -114,6 +117,31 @@ class UnitInfo:
     main_pid: int
     transient: bool
     properties: Mapping[str, Any] = field(default_factory=dict)
+    #: the argv of the service's single ``ExecStart=`` entry as systemd (PID 1, root)
+    #: holds it; None when it has none or several, or systemd's answer was malformed
+    exec_start: tuple[str, ...] | None = None
+    #: that entry's executable, symlinks resolved (None: as ``exec_start``)
+    exec_path: str | None = None
+
+
+def exec_command(value: object) -> tuple[str | None, tuple[str, ...] | None]:
+    """(path, argv) of the single entry of a service's ``ExecStart`` property
+    (``a(sasbttttuii)``: path, argv, ignore-failure, timestamps, pid, code, status);
+    (None, None) for zero or several entries or any field of the wrong type (it comes
+    over D-Bus: checked, not trusted)."""
+    if not isinstance(value, list | tuple) or len(value) != 1:
+        return None, None
+    entry = value[0]
+    if not isinstance(entry, list | tuple) or len(entry) < 2:
+        return None, None
+    path, argv = entry[0], entry[1]
+    if not isinstance(path, str) or not path.startswith("/"):
+        return None, None
+    if not isinstance(argv, list | tuple) or not argv:
+        return None, None
+    if not all(isinstance(a, str) for a in argv):
+        return None, None
+    return path, tuple(argv)
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from test_live import stops_of
 
 from cprd import failpoint
 from cprd import manifest as mf
+from cprd.hosts import relaunch_argv
 from cprd.inventory import Inventory
 from cprd.manifest import Journal, Manifest, Phase
-from cprd.restore import relaunch_argv
 from cprd.save import Saver
 from cprd.steps import Action, Facts, Intent, Qemu, Seen, Step, decide
 

@@ -18,11 +18,11 @@ from cprd.hosts import (
     image_paths,
     keyvals,
     manager_of,
+    relaunch_argv,
     replay_argv,
     replay_problems,
 )
 from cprd.manifest import Manifest, Phase
-from cprd.restore import relaunch_argv
 
 BASE = ["/usr/bin/qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-m", "128M"]
 

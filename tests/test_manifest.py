@@ -10,9 +10,10 @@ import pytest
 
 from cprd import manifest as mf
 from cprd.errors import ManifestError, RestoreError
+from cprd.hosts import relaunch_argv
 from cprd.manifest import InPlaceFile, Manifest, Outcome, Phase, VMRecord
 from cprd.plan import MigrationSettings
-from cprd.restore import check_files, relaunch_argv, restore_waves
+from cprd.restore import check_files, restore_waves
 
 SETTINGS = MigrationSettings({"x-ignore-shared": True}, {"mode": "cpr-reboot"})
 

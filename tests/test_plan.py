@@ -7,6 +7,8 @@ from typing import Any
 
 from cprd import plan
 from cprd.config import InPlace, Live, SaveSettings, Suspend, VMSettings
+from cprd.hosts import ProcessContext, relaunch_argv
+from cprd.units import UnitInfo
 from cprd.vm import Backend, MemClass, ProcIdentity, VMFacts, classify, fstype_of, vm_name
 
 CAPS_10 = ("xbzrle", "x-ignore-shared", "multifd", "mapped-ram", "postcopy-ram")
@@ -361,3 +363,50 @@ def test_a_qemu_run_as_another_user_is_planned_when_its_uid_is_trusted() -> None
         "runs as uid" in p
         for p in plan.plan_vm(facts(identity=root), VMSettings(), SaveSettings(), "ext4").problems
     )
+
+
+def test_a_root_dropping_qemu_whose_argv_is_its_units_execstart_needs_no_trust() -> None:
+    """issue 13 item 2: a QEMU started as root that drops to nobody itself is relaunched
+    as root from its argv; that argv is accepted without trusting nobody only when it is
+    the ExecStart= root's systemd holds for the service whose main process it is."""
+    argv = ("/usr/bin/qemu-system-x86_64", "-m", "96", "-run-with", "user=nobody")
+    ident = ProcIdentity(42, argv, 1, 2, (65534,) * 4, (65534,) * 4)
+    ctx = ProcessContext(65534, 65534, (), "/", (), started_as_root=True)
+    info = UnitInfo(
+        "vm@web.service", 42, False, exec_start=argv, exec_path="/usr/bin/qemu-system-x86_64"
+    )
+    base = facts(
+        argv=argv,
+        identity=ident,
+        process=ctx,
+        cgroup="0::/system.slice/system-vm.slice/vm@web.service\n",
+        unit_info=info,
+    )
+    ok = plan.plan_vm(base, VMSettings(), SaveSettings(), "ext4")
+    assert not [p for p in ok.problems if "uid" in p], ok.problems
+    assert (
+        "argv matches systemd's ExecStart of vm@web.service (root's record): relaunched as "
+        "root, drops to uid 65534 again"
+    ) in ok.notes
+    assert ok.argv == argv  # what the save records: the argv the check was made on
+    after_restore = tuple(relaunch_argv(argv, "pc-q35-10.0"))
+    again = dataclasses.replace(base, argv=after_restore)
+    assert plan.argv_anchor(again) == "vm@web.service"
+
+    evil = (*argv, "-netdev", "tap,id=n0,script=/tmp/evil.sh")
+    for why, changed in {
+        "argv rewritten": dataclasses.replace(base, argv=evil),
+        "not the main process": dataclasses.replace(
+            base, unit_info=dataclasses.replace(info, main_pid=7)
+        ),
+        "another binary": dataclasses.replace(base, executable="/tmp/qemu"),
+        "no single ExecStart": dataclasses.replace(
+            base, unit_info=dataclasses.replace(info, exec_start=None)
+        ),
+        "another unit's": dataclasses.replace(base, cgroup="0::/system.slice/vm@db.service\n"),
+        "no unit": dataclasses.replace(base, unit_info=None),
+    }.items():
+        assert plan.argv_anchor(changed) is None, why
+        refused = plan.plan_vm(changed, VMSettings(), SaveSettings(), "ext4")
+        assert any("drops root to uid 65534" in p for p in refused.problems), (why, refused)
+        assert not any("ExecStart of" in n for n in refused.notes), why

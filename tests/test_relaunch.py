@@ -23,7 +23,9 @@ from cprd.hosts import (
     RELAUNCH_PATH,
     ProcessContext,
     RunAs,
+    argv_anchored,
     filter_environ,
+    relaunch_argv,
     relaunch_as,
     run_as_problem,
 )
@@ -33,6 +35,7 @@ from cprd.manifest import Manifest, Outcome, Phase
 from cprd.restore import Restorer, run_as
 from cprd.save import Saver
 from cprd.transfer import Upgrader, hand_over, socket_dir
+from cprd.units import exec_command
 
 NOBODY = 65534
 CTX = ProcessContext(1000, 1000, (24, 1000), "/srv/vm", (("LANG", "C.UTF-8"), ("TZ", "UTC")))
@@ -152,15 +155,24 @@ def test_run_as_problem_grid() -> None:
     # only when the operator trusts that uid (review finding A).
     dropped_problem = (
         f"drops root to uid {NOBODY} itself (-run-with user=/-runas), so a restore runs its "
-        f"argv as root, and uid {NOBODY} can rewrite that argv in its memory: add {NOBODY} to "
-        "discovery.trusted_uids to trust it so"
+        f"argv as root, and uid {NOBODY} can rewrite that argv in its memory: run it as the "
+        "main process of a systemd service (whose ExecStart= cprd then checks its argv "
+        f"against), or add {NOBODY} to discovery.trusted_uids to trust it so"
     )
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, ()) == dropped_problem
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, None, drop, (NOBODY,)) is None
     root_started = ProcessContext(NOBODY, NOBODY, (), "/", (), started_as_root=True)
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, ()) == (dropped_problem)
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, (NOBODY,)) is None
+    # Its argv is the one root's systemd holds (argv_anchored): accepted, no trust.
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, root_started, drop, (), True) is None
     never_root = ProcessContext(NOBODY, NOBODY, (), "/", ())
+    # Anchoring lifts only the dropped-root refusal: a QEMU that always ran as an
+    # untrusted uid stays refused, anchored or not.
+    assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, never_root, drop, (), True) == (
+        f"runs as uid {NOBODY}, neither dropped to by its own -run-with user= nor in "
+        "discovery.trusted_uids: cprd relaunches a QEMU only as a uid it trusts"
+    )
     assert run_as_problem((NOBODY,) * 4, (NOBODY,) * 4, never_root, drop, ()) == (
         f"runs as uid {NOBODY}, neither dropped to by its own -run-with user= nor in "
         "discovery.trusted_uids: cprd relaunches a QEMU only as a uid it trusts"
@@ -178,6 +190,43 @@ def test_run_as_problem_grid() -> None:
     assert run_as_problem((1000,) * 4, (1000,) * 4, gone, qemu, (1000,)) == (
         "its working directory /srv/vm (deleted) is gone: cprd cannot relaunch it there"
     )
+
+
+def test_argv_anchored() -> None:
+    """An argv read from /proc is anchored only when it is, word for word, systemd's
+    ExecStart= argv, or what a cprd restore ran from it (relaunch_argv)."""
+    unit = ("/usr/bin/qemu-system-x86_64", "-machine", "q35", "-run-with", "user=nobody")
+    pinned = (*unit[:2], "pc-q35-10.0", *unit[3:], "-incoming", "defer")
+    assert argv_anchored(unit, unit, "pc-q35-10.0")
+    assert relaunch_argv(unit, "pc-q35-10.0") == list(pinned)
+    assert argv_anchored(pinned, unit, "pc-q35-10.0")  # after a restore from the unit
+    assert argv_anchored(pinned, pinned, "pc-q35-10.0")  # a transient unit re-created
+    # relaunch_argv is idempotent: a second save and restore stays anchored.
+    assert argv_anchored(relaunch_argv(pinned, "pc-q35-10.0"), unit, "pc-q35-10.0")
+    assert not argv_anchored(pinned, unit, "pc-q35-9.2")  # another machine than pinned
+    evil = (*unit, "-netdev", "tap,id=n0,script=/tmp/evil.sh")
+    assert not argv_anchored(evil, unit, "pc-q35-10.0")  # a word added
+    assert not argv_anchored(unit[:-1], unit, "pc-q35-10.0")  # a word dropped
+    rewritten = (*unit[:-1], "user=root")
+    assert not argv_anchored(rewritten, unit, "pc-q35-10.0")  # one word rewritten
+    assert not argv_anchored(unit, None, "pc-q35-10.0")
+    assert not argv_anchored((), (), "pc-q35-10.0")
+
+
+def test_exec_command_checks_what_dbus_said() -> None:
+    """ExecStart comes over D-Bus as a(sasbttttuii): one entry, each field typed, or None."""
+    argv = ["/usr/bin/qemu", "-m", "96"]
+    entry = ["/usr/bin/qemu", argv, False, 0, 0, 0, 0, 1234, 1, 0]
+    assert exec_command([entry]) == ("/usr/bin/qemu", tuple(argv))
+    assert exec_command([]) == (None, None)
+    assert exec_command([entry, entry]) == (None, None)  # ExecStart= given twice
+    assert exec_command(None) == (None, None)
+    assert exec_command("/usr/bin/qemu") == (None, None)
+    assert exec_command([["/usr/bin/qemu", [*argv, 7]]]) == (None, None)
+    assert exec_command([["/usr/bin/qemu", "-m 96"]]) == (None, None)
+    assert exec_command([[b"/usr/bin/qemu", argv]]) == (None, None)
+    assert exec_command([["qemu", argv]]) == (None, None)  # not an absolute path
+    assert exec_command([["/usr/bin/qemu", []]]) == (None, None)
 
 
 def test_popen_credentials_grid() -> None:

@@ -14,7 +14,9 @@ the generator, the marks in the run directory.
 from __future__ import annotations
 
 import asyncio
+import os
 import shlex
+import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -32,6 +34,7 @@ from test_cycle import make_config
 from cprd import generator
 from cprd import manifest as mf
 from cprd.config import Config
+from cprd.hosts import relaunch_argv
 from cprd.inventory import Inventory
 from cprd.launch import UnitLauncher
 from cprd.manifest import Outcome
@@ -53,6 +56,9 @@ class StandInPID1:
     paths: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
+    #: units whose main process the stand-in did not start (a QEMU the harness runs):
+    #: unit -> (MainPID, ExecStart's path, ExecStart's argv), as systemd would hold them
+    held: dict[str, tuple[int, str, list[str]]] = field(default_factory=dict)
 
     def dropin(self, unit: str) -> Path:
         return self.gen_dir / f"{unit}.d" / DROPIN_NAME
@@ -98,13 +104,29 @@ class StandInPID1:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
 
+    def unit_path(self, unit: str) -> str:
+        path = PREFIX + "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in unit)
+        self.paths[path] = unit
+        return path
+
     def properties(self, unit: str, interface: str) -> dict[str, Variant]:
         if interface.endswith(".Service"):
             proc = self.procs.get(unit)
             pid = proc.pid if proc is not None and self.active(unit) else 0
-            return {"MainPID": Variant("u", pid), "Result": Variant("s", "success")}
+            props = {"MainPID": Variant("u", pid), "Result": Variant("s", "success")}
+            if unit in self.held:
+                main, path, argv = self.held[unit]
+                main = pid or main  # the QEMU the stand-in started, once it did
+                # a(sasbttttuii): path, argv, ignore-failure, start/exit timestamps
+                # (realtime, monotonic), pid, exit code, status
+                entry = [path, argv, False, 0, 0, 0, 0, main, 0, 0]
+                props["MainPID"] = Variant("u", main)
+                props["ExecStart"] = Variant("a(sasbttttuii)", [entry])
+            return props
         dropins = [str(self.dropin(unit))] if self.dropin(unit).exists() else []
         return {
+            "Id": Variant("s", unit),
+            "Transient": Variant("b", False),
             "ActiveState": Variant("s", "active" if self.active(unit) else "inactive"),
             "DropInPaths": Variant("as", dropins),
             "Job": Variant("(uo)", [0, "/"]),
@@ -120,9 +142,14 @@ class StandInPID1:
             return None
         self.calls.append(str(msg.member))
         if msg.member == "LoadUnit":
-            path = PREFIX + "".join(c if c.isalnum() else f"_{ord(c):02x}" for c in msg.body[0])
-            self.paths[path] = msg.body[0]
-            return Message.new_method_return(msg, "o", [path])
+            return Message.new_method_return(msg, "o", [self.unit_path(msg.body[0])])
+        if msg.member == "GetUnitByPID":
+            for unit, (main, _, _) in self.held.items():
+                if main == msg.body[0]:
+                    return Message.new_method_return(msg, "o", [self.unit_path(unit)])
+            return Message.new_error(
+                msg, "org.freedesktop.systemd1.NoUnitForPID", f"PID {msg.body[0]} has no unit"
+            )
         if msg.member == "Reload":
             self.reload()
         elif msg.member == "StartUnit":
@@ -235,3 +262,110 @@ async def test_restore_into_the_operators_unit_and_a_failure_leaves_it_as_writte
     vm.wait_tick_above(last)
     assert not (pid1.run_dir / "restore-failed" / UNIT).exists()
     assert not pid1.dropin(UNIT).exists()
+
+
+async def test_a_root_dropping_qemu_anchored_to_its_units_execstart_needs_no_trusted_uid(
+    guests: GuestFactory,
+    vm_dir_root: Path,
+    dbus_daemon: BusDaemon,
+    pid1: StandInPID1,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 13 item 2: a QEMU started as root that drops to nobody itself
+    (``-run-with user=nobody``) is relaunched as root from its argv, which nobody can
+    rewrite in its memory.  As the main process of a service whose ExecStart= (held by
+    PID 1, root) is that very argv it passes check with no discovery.trusted_uids; once
+    the unit's ExecStart= differs by one word it is refused, naming the way out.  In
+    between it is saved (recorded as its unit's main process, with the argv checked),
+    restored into that unit (the relaunch form, dropping to nobody again), and checked
+    again in that form: still anchored.
+
+    Real: QEMU, the drop to nobody, /proc, the dbus-daemon with the project's policy,
+    cprd's D-Bus client (sysd.Systemd.unit_of_pid over DBUS_SYSTEM_BUS_ADDRESS).  Stand-
+    ins, since systemd cannot be PID 1 here: the systemd1 API (GetUnitByPID, the unit's
+    Id, MainPID and ExecStart) and the unit's cgroup, a directory of the name=systemd
+    hierarchy the QEMU is moved into (as in test_hosts_qemu)."""
+    from test_hosts_qemu import CGROUP_ROOT, in_cgroup
+
+    if not (CGROUP_ROOT / "cgroup.procs").exists():
+        pytest.skip("no name=systemd cgroup hierarchy to put the QEMU in a unit's cgroup")
+    unit = "vm@anc.service"
+    cgroup = f"system.slice/system-vm.slice/{unit}"
+    (vm,) = guests(GuestSpec("anc", extra_args=["-run-with", "user=nobody"]))
+    exe = os.path.realpath(shutil.which(vm.argv[0]) or vm.argv[0])
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", dbus_daemon.address)
+    cfg = make_config(vm_dir_root)  # no trusted_uids
+    assert cfg.discovery.trusted_uids == ()
+
+    async def check() -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+        inventory = Inventory(cfg)
+        try:
+            plans, problems = await Saver(cfg, inventory).plan()
+        finally:
+            await inventory.close()
+        ((_, vm_plan),) = plans
+        return problems.get("anc", ""), vm_plan.notes, vm_plan.argv
+
+    note = (
+        f"argv matches systemd's ExecStart of {unit} (root's record): relaunched as root, "
+        "drops to uid 65534 again"
+    )
+    with in_cgroup(vm.pid, cgroup):
+        assert Path(f"/proc/{vm.pid}/status").read_text().count("65534") >= 4  # dropped
+        pid1.held[unit] = (vm.pid, exe, list(vm.argv))
+        problem, notes, argv = await check()
+        assert problem == ""
+        assert note in notes
+        assert argv == tuple(vm.argv)  # what a save records: the argv just checked
+        assert "GetUnitByPID" in pid1.calls
+
+        # Saved with no trusted uid, recorded as the main process of its unit, with the
+        # argv checked.
+        vm.wait_tick_above(2)
+        inventory = Inventory(cfg)
+        try:
+            saver = Saver(cfg, inventory)
+            await saver.prepare()
+            await saver.commit()
+        finally:
+            await inventory.close()
+        last = vm.last_tick()
+        vm.released()
+    rec = mf.read(cfg.manifest_path).vm("anc")
+    assert rec.argv == tuple(vm.argv) and rec.unit == UnitRef(unit)
+    assert rec.process is not None and rec.process.uid == 65534 and rec.process.started_as_root
+
+    # Restored into its unit (the drop-in's ExecStart: the relaunch form, run as root,
+    # dropping to nobody again); the guest goes on.
+    units = UnitLauncher(dbus_daemon.address, run_dir=pid1.run_dir)
+    result = await Restorer(cfg, units=units).run()
+    assert [(r.name, r.outcome) for r in result.vms] == [("anc", Outcome.RESTORED)]
+    assert last is not None
+    vm.wait_tick_above(last)
+    restored = pid1.procs[unit].pid
+    assert vm.pid == restored
+    assert Path(f"/proc/{restored}/status").read_text().count("65534") >= 4
+    running = Path(f"/proc/{restored}/cmdline").read_bytes().split(b"\0")[:-1]
+    assert [a.decode() for a in running] == relaunch_argv(vm.argv, rec.machine_type)
+
+    # The restored QEMU runs the relaunch form while systemd shows the unit's own line
+    # again (the drop-in is gone): still anchored, so the next kexec saves it too.
+    assert not pid1.dropin(unit).exists()
+    with in_cgroup(restored, cgroup):
+        pid1.held[unit] = (restored, exe, list(vm.argv))
+        problem, notes, argv = await check()
+        assert problem == "" and note in notes
+        assert argv == tuple(relaunch_argv(vm.argv, rec.machine_type))
+
+        # The unit's ExecStart= is not the argv the QEMU runs with (as if the QEMU had
+        # rewritten one word of it): refused, as without a unit.
+        other = [*vm.argv[:-1], vm.argv[-1] + "x"]
+        pid1.held[unit] = (restored, exe, other)
+        problem, notes, _ = await check()
+        assert (
+            "drops root to uid 65534 itself (-run-with user=/-runas), so a restore runs its "
+            "argv as root, and uid 65534 can rewrite that argv in its memory: run it as the "
+            "main process of a systemd service (whose ExecStart= cprd then checks its argv "
+            "against), or add 65534 to discovery.trusted_uids to trust it so"
+        ) in problem
+        assert not any("ExecStart of" in n for n in notes)
