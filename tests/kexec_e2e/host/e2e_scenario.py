@@ -269,12 +269,37 @@ def in_unit(vm: str, description: str | None = None) -> tuple[dict[str, Any], li
             problems.append(f"{vm}: cgroup {cgroup!r}, expected ...{OPERATOR_CGROUP}")
         if facts["memory.max"] != OPERATOR_MEMORY_MAX:
             problems.append(f"{vm}: memory.max {facts['memory.max']}, expected 1 GiB")
+        facts["exec_start"], p = exec_start_seen(main)
+        problems += p
     else:
         if props.get("Transient") != "yes":
             problems.append(f"{unit}: not transient: {props.get('Transient')}")
         if description is not None and props.get("Description") != description:
             problems.append(f"{unit}: Description {props.get('Description')!r} != {description!r}")
     return facts, problems
+
+
+def exec_start_seen(pid: int) -> tuple[list[str] | None, list[str]]:
+    """What cprd reads of the unit's ExecStart= from real systemd (cprd.sysd.unit_of_pid,
+    the root-held argv a root-dropping QEMU is compared with): the template's line with
+    %i expanded, as cprd's stand-in PID 1 in the tests serves it."""
+    import asyncio
+
+    from cprd.sysd import Systemd
+
+    async def ask() -> Any:
+        async with Systemd() as sd:
+            return await sd.unit_of_pid(pid)
+
+    try:
+        info = asyncio.run(ask())
+    except Exception as err:  # reported, not raised: the scenario goes on
+        return None, [f"cprd.sysd.unit_of_pid({pid}): {type(err).__name__}: {err}"]
+    want = ["/usr/bin/python3", "/usr/local/lib/cprd-e2e/e2e_scenario.py", "exec-vm", "vm2"]
+    got = list(info.exec_start) if info.exec_start is not None else None
+    if info.name != OPERATOR_UNIT or got != want:
+        return got, [f"unit_of_pid({pid}): {info.name} ExecStart {got}, expected {want}"]
+    return got, []
 
 
 def commit() -> None:
