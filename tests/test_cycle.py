@@ -49,6 +49,17 @@ def assert_counting(vm: GuestVM) -> None:
     vm.wait_tick_above(last, timeout=15)
 
 
+async def save_and_commit(cfg: config.Config) -> None:
+    """prepare + commit of every VM cfg finds, as the daemon would run them."""
+    inventory = Inventory(cfg)
+    try:
+        saver = Saver(cfg, inventory)
+        await saver.prepare()
+        await saver.commit()
+    finally:
+        await inventory.close()
+
+
 async def test_whole_cycle(
     guests: GuestFactory, vm_dir_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

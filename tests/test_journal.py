@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from harness import GuestFactory, GuestSpec
-from test_cycle import make_config, runstates
+from test_cycle import make_config, runstates, save_and_commit
 
 from cprd import manifest as mf
 from cprd.controller import Controller, PrepareOptions, State
@@ -198,13 +198,7 @@ async def test_a_qemu_that_dropped_root_is_saved_and_restored(
     assert _uids(vm.pid)[0] == 65534
     # Relaunched as root (it drops again) from an argv nobody could rewrite: trusted.
     cfg = make_config(vm_dir_root, trusted_uids=(65534,))
-    inventory = Inventory(cfg)
-    try:
-        saver = Saver(cfg, inventory)
-        await saver.prepare()
-        await saver.commit()
-    finally:
-        await inventory.close()
+    await save_and_commit(cfg)
     vm.released()
     assert oct(os.stat(cfg.state_dir).st_mode & 0o777) == "0o700"
     tick = vm.last_tick()

@@ -29,7 +29,7 @@ from dbus_fast.aio import MessageBus
 from dbus_fast.auth import AuthExternal
 from fixtures_bus import BusDaemon
 from harness import GuestFactory, GuestSpec
-from test_cycle import make_config
+from test_cycle import make_config, save_and_commit
 
 from cprd import generator
 from cprd import manifest as mf
@@ -190,13 +190,7 @@ def patch(path: Path, head: bytes) -> None:
 async def save_into_unit(cfg: Config) -> None:
     """prepare + commit, then record the VM as the main process of UNIT (its QEMU here is
     not in a systemd unit: the record is what a QEMU in vm@un.service would have)."""
-    inventory = Inventory(cfg)
-    try:
-        saver = Saver(cfg, inventory)
-        await saver.prepare()
-        await saver.commit()
-    finally:
-        await inventory.close()
+    await save_and_commit(cfg)
     m = mf.read(cfg.manifest_path)
     mf.write(cfg.manifest_path, m.with_vm(m.vm("un").replace(unit=UnitRef(UNIT))))
 
@@ -322,13 +316,7 @@ async def test_a_root_dropping_qemu_anchored_to_its_units_execstart_needs_no_tru
         # Saved with no trusted uid, recorded as the main process of its unit, with the
         # argv checked.
         vm.wait_tick_above(2)
-        inventory = Inventory(cfg)
-        try:
-            saver = Saver(cfg, inventory)
-            await saver.prepare()
-            await saver.commit()
-        finally:
-            await inventory.close()
+        await save_and_commit(cfg)
         last = vm.last_tick()
         vm.released()
     rec = mf.read(cfg.manifest_path).vm("anc")
