@@ -285,9 +285,15 @@ def exec_start_seen(pid: int) -> tuple[list[str] | None, list[str]]:
     %i expanded, as cprd's stand-in PID 1 in the tests serves it."""
     import asyncio
 
-    from cprd.sysd import Systemd
+    # Debian 12's package keeps cprd and what Debian 12 lacks in /usr/lib/cprd/python,
+    # ahead of dist-packages, as its wrappers do (Debian 13's is in dist-packages).
+    private = "/usr/lib/cprd/python"
+    if os.path.isdir(private) and private not in sys.path:
+        sys.path.insert(0, private)
 
     async def ask() -> Any:
+        from cprd.sysd import Systemd
+
         async with Systemd() as sd:
             return await sd.unit_of_pid(pid)
 
