@@ -238,6 +238,23 @@ def argv_anchor(facts: VMFacts) -> str | None:
     return info.name
 
 
+def relaunch_problem(facts: VMFacts, trusted_uids: Iterable[int]) -> tuple[str | None, str | None]:
+    """Why cprd cannot relaunch this QEMU as it runs now (:func:`cprd.hosts.run_as_problem`,
+    anchored to its unit's ``ExecStart=`` when :func:`argv_anchor` says so) or None, and
+    that unit or None (pure): the one question the save's plan and cpr-transfer ask."""
+    ident = facts.identity
+    anchor = argv_anchor(facts)
+    problem = run_as_problem(
+        ident.uids if ident else (),
+        ident.gids if ident else (),
+        facts.process,
+        facts.argv,
+        trusted_uids,
+        anchor is not None,
+    )
+    return problem, anchor
+
+
 def plan_vm(
     facts: VMFacts,
     vm: VMSettings,
@@ -296,11 +313,7 @@ def plan_vm(
         problems.append(unit.problem)
     if facts.identity is not None:
         # Relaunched as it runs (hosts.relaunch_as): refused only when cprd cannot.
-        ident = facts.identity
-        anchor = argv_anchor(facts)
-        problem = run_as_problem(
-            ident.uids, ident.gids, facts.process, facts.argv, trusted_uids, anchor is not None
-        )
+        problem, anchor = relaunch_problem(facts, trusted_uids)
         if problem is not None:
             problems.append(problem)
         elif anchor is not None and facts.process and drops_root_itself(facts.process, facts.argv):

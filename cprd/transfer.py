@@ -38,16 +38,15 @@ from typing import Any
 from cprd import manifest as mf
 from cprd.config import Config
 from cprd.errors import CprdError, LaunchError, QMPError, TrustError
-from cprd.hosts import ProcessContext, relaunch_argv, relaunch_as, run_as_problem
+from cprd.hosts import ProcessContext, relaunch_argv, relaunch_as
 from cprd.inventory import Inventory, VMHandle
 from cprd.launch import Launcher, make_launcher
 from cprd.log import Event, emit
-from cprd.plan import MANAGED_CAPABILITIES, argv_anchor, transfer_path
+from cprd.plan import MANAGED_CAPABILITIES, relaunch_problem, transfer_path
 from cprd.qmp import QMPConnection
 from cprd.restore import Restorer
 from cprd.save import Saver, wait_exit
 from cprd.trust import check_binary
-from cprd.vm import VMFacts
 
 logger = logging.getLogger(__name__)
 
@@ -219,26 +218,13 @@ class Upgrader:
             elif exe not in versions:
                 versions[exe] = qemu_version(exe)
             ok, why = transfer_path(handle.facts, versions[exe])
-            problem = self._run_as_problem(handle.facts)
+            problem, _ = relaunch_problem(handle.facts, self.config.discovery.trusted_uids)
             if ok and problem is not None:
                 # The new QEMU is relaunched as the plan allows (hosts.relaunch_as) or not
                 # at all: the file path's plan refuses it, before anything stops.
                 ok, why = False, f"{problem}: not moved"
             out.append((handle, exe, ok, why))
         return out
-
-    def _run_as_problem(self, facts: VMFacts) -> str | None:
-        """:func:`cprd.hosts.run_as_problem` as the save's plan asks it (anchored to the
-        unit's ExecStart= when :func:`cprd.plan.argv_anchor` says so), on ``facts``."""
-        ident = facts.identity
-        return run_as_problem(
-            ident.uids if ident else (),
-            ident.gids if ident else (),
-            facts.process,
-            facts.argv,
-            self.config.discovery.trusted_uids,
-            argv_anchor(facts) is not None,
-        )
 
     async def upgrade(
         self, names: list[str] | None = None, binary: str | None = None
@@ -269,7 +255,7 @@ class Upgrader:
         name = facts.name
         # Asked again on the facts whose argv is launched below: an inventory scan may
         # have read them anew since paths() asked (the argv then is not the one checked).
-        problem = self._run_as_problem(facts)
+        problem, _ = relaunch_problem(facts, self.config.discovery.trusted_uids)
         if problem is not None:
             raise TrustError(f"{name}: {problem}")
         mf.ensure_state_dir(self.config.state_dir)  # the direct launcher's log is there
