@@ -10,13 +10,14 @@ real: the dbus-daemon with the project's policy, QEMU, the guest and its counter
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 from dbus_fast import Message, MessageType
@@ -82,12 +83,21 @@ class StandInSystemd:
         return None
 
 
-@pytest.fixture
-async def systemd(dbus_daemon: BusDaemon) -> AsyncIterator[StandInSystemd]:
-    bus = await asyncio.wait_for(
-        MessageBus(bus_address=dbus_daemon.address, auth=AuthExternal()).connect(), 5
-    )
-    stand_in = StandInSystemd(bus)
+class StandInPID1Like(Protocol):
+    procs: dict[str, subprocess.Popen[bytes]]
+
+    def handle(self, msg: Message) -> Message | None: ...
+
+
+S = TypeVar("S", bound=StandInPID1Like)
+
+
+@contextlib.asynccontextmanager
+async def serving_as_systemd(address: str, make: Callable[[MessageBus], S]) -> AsyncIterator[S]:
+    """A stand-in (``make(bus)``) owning org.freedesktop.systemd1 on the test bus; on the
+    way out, what it started is killed."""
+    bus = await asyncio.wait_for(MessageBus(bus_address=address, auth=AuthExternal()).connect(), 5)
+    stand_in = make(bus)
     bus.add_message_handler(stand_in.handle)
     await bus.request_name("org.freedesktop.systemd1")
     try:
@@ -98,6 +108,12 @@ async def systemd(dbus_daemon: BusDaemon) -> AsyncIterator[StandInSystemd]:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@pytest.fixture
+async def systemd(dbus_daemon: BusDaemon) -> AsyncIterator[StandInSystemd]:
+    async with serving_as_systemd(dbus_daemon.address, StandInSystemd) as stand_in:
+        yield stand_in
 
 
 async def test_restore_through_a_transient_unit(

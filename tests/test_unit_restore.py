@@ -13,7 +13,6 @@ the generator, the marks in the run directory.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shlex
 import shutil
@@ -26,10 +25,10 @@ from pathlib import Path
 import pytest
 from dbus_fast import Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.auth import AuthExternal
 from fixtures_bus import BusDaemon
 from harness import GuestFactory, GuestSpec
 from test_cycle import make_config, save_and_commit
+from test_launch_systemd import serving_as_systemd
 
 from cprd import generator
 from cprd import manifest as mf
@@ -165,21 +164,13 @@ class StandInPID1:
 
 @pytest.fixture
 async def pid1(dbus_daemon: BusDaemon, vm_dir_root: Path) -> AsyncIterator[StandInPID1]:
-    bus = await asyncio.wait_for(
-        MessageBus(bus_address=dbus_daemon.address, auth=AuthExternal()).connect(), 5
-    )
     (vm_dir_root / "gen").mkdir()
-    stand_in = StandInPID1(bus, vm_dir_root / "cprd.yaml", vm_dir_root / "gen", vm_dir_root / "run")
-    bus.add_message_handler(stand_in.handle)
-    await bus.request_name("org.freedesktop.systemd1")
-    try:
+
+    def make(bus: MessageBus) -> StandInPID1:
+        return StandInPID1(bus, vm_dir_root / "cprd.yaml", vm_dir_root / "gen", vm_dir_root / "run")
+
+    async with serving_as_systemd(dbus_daemon.address, make) as stand_in:
         yield stand_in
-    finally:
-        bus.disconnect()
-        for proc in stand_in.procs.values():  # stop what the stand-in started
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 def patch(path: Path, head: bytes) -> None:
